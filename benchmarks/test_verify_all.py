@@ -1,0 +1,17 @@
+"""Benchmark: `udrra verify --all` (exact population loss, default bandit) on this machine.
+
+Run: python -m pytest benchmarks/test_verify_all.py --benchmark-only
+Goal (issue 2): the whole catalog verifies in under 10 s on 2 CPU cores.
+"""
+import udrra
+from udrra.cli import DEFAULT_K, DEFAULT_P
+
+
+def verify_catalog():
+    bandit = udrra.Bandit.random(P=DEFAULT_P, K=DEFAULT_K, seed=0)
+    return [udrra.verify(udrra.load(name), bandit) for name in udrra.catalog_names()]
+
+
+def test_verify_all_exact(benchmark):
+    results = benchmark.pedantic(verify_catalog, rounds=3, iterations=1)
+    assert all(r.passed for r in results)

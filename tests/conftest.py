@@ -1,0 +1,8 @@
+import os
+
+from hypothesis import settings
+
+# Deterministic example generation in CI: a failure reproduces from the same commit.
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("dev", deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")

@@ -1,0 +1,209 @@
+"""Algorithm files: parsing, overrides and validation of a composition.
+
+An algorithm file is TOML with exactly four component tables, ``[target]``, ``[source]``, ``[reward]``,
+``[reference]`` (each with a ``kind`` and its parameters), and an optional ``[algorithm]`` table (``name``,
+``description``, ``paper``). Every check here raises :class:`~udrra.errors.ConfigError` with a one-line
+message naming the file, the table and what is valid.
+"""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+from .components import TABLES, Component, Components, resolve_params
+from .components import reference as reference_mod
+from .components import reward as reward_mod
+from .components import source as source_mod
+from .components import target as target_mod
+from .errors import ConfigError
+
+KIND_TABLES = {
+    "target": target_mod.KINDS,
+    "source": source_mod.KINDS,
+    "reward": reward_mod.KINDS,
+    "reference": reference_mod.KINDS,
+}
+META_KEYS = ("name", "description", "paper")
+
+#: which sources and reference terms each reward kind can be composed with
+REWARD_SOURCES = {
+    "preference": ("offline_pairs", "on_policy_pairs"),
+    "explicit": ("on_policy",),
+    "reward_regression": ("offline_samples", "on_policy"),
+    "reward_difference": ("offline_samples",),
+}
+REWARD_REFERENCES = {
+    "preference": ("log_ratio", "none"),
+    "explicit": ("kl_in_reward", "kl_in_loss", "none"),
+    "reward_regression": ("log_ratio",),
+    "reward_difference": ("log_ratio",),
+}
+#: links whose parameter epsilon is required (and the only ones that accept it)
+EPSILON_LINKS = ("smoothed_logsigmoid", "robust")
+UPDATE_DEFAULTS = {"ema": {"decay": 0.99}, "reset_every": {"every": 100, "rounds": 3}}
+UPDATE_PARAMS = {"decay": "ema", "every": "reset_every", "rounds": "reset_every"}
+
+
+def catalog_dir():
+    """The folder of the shipped algorithm files (package data ``udrra.losses``)."""
+    return resources.files("udrra.losses")
+
+
+def catalog_names() -> List[str]:
+    """Names of the shipped algorithms, sorted."""
+    return sorted(p.name[:-5] for p in catalog_dir().iterdir() if p.name.endswith(".toml"))
+
+
+def read_algorithm_file(name_or_path: str) -> Tuple[Dict[str, Any], str, Optional[Path]]:
+    """Read a catalog name or a path to a TOML file. Returns (raw dict, display name, path or None)."""
+    text: str
+    path: Optional[Path] = None
+    candidate = Path(name_or_path)
+    if name_or_path.endswith(".toml") or candidate.exists():
+        if not candidate.is_file():
+            raise ConfigError(f"algorithm file {name_or_path!r} does not exist")
+        path = candidate
+        text = candidate.read_text(encoding="utf-8")
+        display = str(candidate)
+    else:
+        entry = catalog_dir() / f"{name_or_path}.toml"
+        if not entry.is_file():
+            raise ConfigError(f"unknown algorithm {name_or_path!r}; catalog: {', '.join(catalog_names())} "
+                              "(or give a path to a .toml file)")
+        text = entry.read_text(encoding="utf-8")
+        display = name_or_path
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{display}: malformed TOML: {e}") from None
+    return raw, display, path
+
+
+def parse_override_value(text: str) -> Any:
+    """A CLI override value: a TOML literal (``0.5``, ``true``, ``"x"``) or a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(raw: Dict[str, Any], overrides: Optional[Mapping[str, Any]], display: str) -> Dict[str, Any]:
+    """Apply dotted-key overrides such as ``{"target.beta": 0.5}``. Unknown tables are rejected."""
+    out = copy.deepcopy(raw)
+    for key, value in (overrides or {}).items():
+        parts = key.split(".")
+        if len(parts) != 2 or parts[0] not in (*TABLES, "algorithm"):
+            raise ConfigError(f"{display}: override {key!r} must be TABLE.PARAM with TABLE one of "
+                              f"{', '.join((*TABLES, 'algorithm'))}")
+        table, param = parts
+        out.setdefault(table, {})
+        if not isinstance(out[table], dict):
+            raise ConfigError(f"{display}: [{table}] must be a table")
+        if isinstance(value, str) and param != "kind" and table != "algorithm":
+            value = parse_override_value(value)
+        if param == "kind" and out[table].get("kind") != value:
+            out[table] = {"kind": value}  # a new kind starts from its own defaults
+        else:
+            out[table][param] = value
+    return out
+
+
+def build_components(raw: Dict[str, Any], display: str) -> Tuple[Components, Dict[str, Any]]:
+    """Validate a raw algorithm dict and return the resolved components and the ``[algorithm]`` metadata."""
+    unknown = [k for k in raw if k not in (*TABLES, "algorithm")]
+    if unknown:
+        raise ConfigError(f"{display}: unknown top-level key(s) {', '.join(map(repr, unknown))}; an algorithm file "
+                          f"has exactly the tables {', '.join(f'[{t}]' for t in TABLES)} and optionally [algorithm]")
+    meta = raw.get("algorithm", {})
+    if not isinstance(meta, dict):
+        raise ConfigError(f"{display}: [algorithm] must be a table with keys {', '.join(META_KEYS)}")
+    bad_meta = [k for k in meta if k not in META_KEYS]
+    if bad_meta:
+        raise ConfigError(f"{display}: [algorithm] has unknown key(s) {', '.join(map(repr, bad_meta))}; "
+                          f"valid: {', '.join(META_KEYS)}")
+    comps: Dict[str, Component] = {}
+    for table in TABLES:
+        given = raw.get(table)
+        if not isinstance(given, dict):
+            raise ConfigError(f"{display}: missing table [{table}]; every algorithm file needs "
+                              f"{', '.join(f'[{t}]' for t in TABLES)}")
+        kind = given.get("kind")
+        kinds = KIND_TABLES[table]
+        if kind is None:
+            raise ConfigError(f"{display}: [{table}] needs a kind; valid kinds: {', '.join(kinds)}")
+        if kind not in kinds:
+            raise ConfigError(f"{display}: [{table}] kind {kind!r} is unknown; valid kinds: {', '.join(kinds)}")
+        given = dict(given)
+        if table == "reference":
+            rule = given.get("update", "frozen")
+            for p, needed in UPDATE_PARAMS.items():
+                if p in given and rule != needed:
+                    raise ConfigError(f"{display}: [reference] {p} only applies to update = {needed!r}, "
+                                      f"not {rule!r}")
+            for p, v in UPDATE_DEFAULTS.get(rule, {}).items():
+                given.setdefault(p, v)
+        params = resolve_params(table, kinds[kind], given, display)
+        if table == "reference":
+            params = {k: v for k, v in params.items() if not (k in UPDATE_PARAMS and v is None)}
+        comps[table] = Component(table, kind, params)
+    comps = _check_composition(comps, display)
+    return Components(**comps), dict(meta)
+
+
+def _check_composition(c: Dict[str, Component], display: str) -> Dict[str, Component]:
+    t, s, rw, ref = c["target"], c["source"], c["reward"], c["reference"]
+    ok_sources = REWARD_SOURCES[rw.kind]
+    if s.kind not in ok_sources:
+        why = (" (it yields single samples and has no labeller)" if rw.kind == "preference" and s.kind == "on_policy"
+               else "")
+        raise ConfigError(f"{display}: [source] kind {s.kind!r} cannot feed [reward] kind {rw.kind!r}{why}; "
+                          f"valid [source] kinds for it: {', '.join(ok_sources)}")
+    ok_refs = REWARD_REFERENCES[rw.kind]
+    if ref.kind not in ok_refs:
+        raise ConfigError(f"{display}: [reference] kind {ref.kind!r} cannot be combined with [reward] kind "
+                          f"{rw.kind!r}; valid [reference] kinds for it: {', '.join(ok_refs)}")
+    if rw.kind == "preference":
+        allowed = target_mod.TARGET_LINKS[t.kind]
+        if not allowed:
+            raise ConfigError(f"{display}: [target] kind {t.kind!r} cannot be reached from preferences; valid "
+                              f"[target] kinds with [reward] kind 'preference': "
+                              f"{', '.join(k for k, v in target_mod.TARGET_LINKS.items() if v)}")
+        link = rw.get("link")
+        if link is None:
+            link = allowed[0]
+        elif link not in allowed:
+            consistent = [k for k, v in target_mod.TARGET_LINKS.items() if link in v]
+            raise ConfigError(f"{display}: [reward] link {link!r} is inconsistent with [target] kind {t.kind!r}; "
+                              f"links for {t.kind!r}: {', '.join(allowed)}; link {link!r} reaches target "
+                              f"{', '.join(consistent)}")
+        eps = rw.get("epsilon")
+        if link in EPSILON_LINKS and eps is None:
+            raise ConfigError(f"{display}: [reward] link {link!r} needs parameter 'epsilon' in [0, 0.5)")
+        if link not in EPSILON_LINKS and eps is not None:
+            raise ConfigError(f"{display}: [reward] epsilon only applies to links {', '.join(EPSILON_LINKS)}, "
+                              f"not {link!r}")
+        if ref.kind == "none" and link == "forward_kl":
+            raise ConfigError(f"{display}: [reward] link 'forward_kl' needs the ratio π/π_ref; valid [reference] "
+                              "kind for it: log_ratio")
+        c["reward"] = Component("reward", rw.kind, {**rw.params, "link": link})
+    else:
+        allowed_t = target_mod.TARGET_FOR_REWARD[rw.kind]
+        if t.kind not in allowed_t:
+            raise ConfigError(f"{display}: [target] kind {t.kind!r} cannot be the target of [reward] kind "
+                              f"{rw.kind!r}; valid [target] kinds: {', '.join(allowed_t)}")
+    if ref.kind != "none" and t.kind == "argmax" and t["beta"] == 0 and ref.kind != "kl_in_loss":
+        raise ConfigError(f"{display}: [target] kind 'argmax' has beta = 0, but [reference] kind {ref.kind!r} "
+                          "needs beta > 0; use [reference] kind 'none' for no regularisation")
+    if s.kind != "on_policy" or rw.kind != "explicit":
+        if s.get("clip") is not None or (s.get("epochs") or 1) != 1:
+            raise ConfigError(f"{display}: [source] clip/epochs only apply to an 'on_policy' source with an "
+                              "'explicit' reward (PPO-style sample reuse)")
+    if rw.kind == "explicit" and rw["baseline"] == "leave_one_out" and s["n"] < 2:
+        raise ConfigError(f"{display}: [reward] baseline 'leave_one_out' needs [source] n >= 2 samples per prompt")
+    if rw.kind == "explicit" and rw["baseline"] == "group_norm" and s["n"] < 2:
+        raise ConfigError(f"{display}: [reward] baseline 'group_norm' needs [source] n >= 2 samples per prompt")
+    return c
