@@ -36,6 +36,18 @@ def check_finite(name: str, value: Optional[Tensor]) -> None:
         raise InputError(f"{name} contains NaN or inf at rows {bad}; log-probs, rewards and weights must be finite")
 
 
+def _check_rows(batch, rows: int) -> None:
+    """Every tensor field of ``batch`` has shape ``(rows,)``; floating fields are finite."""
+    name = type(batch).__name__
+    for f in fields(batch):
+        v = getattr(batch, f.name)
+        if isinstance(v, Tensor):
+            if v.dim() != 1 or v.shape[0] != rows:
+                raise InputError(f"{name}.{f.name} must have shape (B,)=({rows},), got {tuple(v.shape)}")
+            if v.is_floating_point():
+                check_finite(f"{name}.{f.name}", v.detach())
+
+
 @dataclass
 class PairBatch:
     """A batch of response pairs for one prompt each (DPO-style losses).
@@ -67,14 +79,8 @@ class PairBatch:
     population: bool = False
 
     def validate(self) -> "PairBatch":
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, Tensor):
-                if v.dim() != 1 or v.shape[0] != self.chosen_logps.shape[0]:
-                    raise InputError(f"PairBatch.{f.name} must have shape (B,)={tuple(self.chosen_logps.shape)}, "
-                                     f"got {tuple(v.shape)}")
-                if v.is_floating_point():
-                    check_finite(f"PairBatch.{f.name}", v.detach())
+        """Check every field is ``(B,)`` and finite, and lengths ≥ 1. Raises :class:`InputError`."""
+        _check_rows(self, self.chosen_logps.shape[0])
         if (self.chosen_lengths <= 0).any() or (self.rejected_lengths <= 0).any():
             raise InputError("PairBatch lengths must be >= 1 token: an empty response has no log-prob")
         return self
@@ -111,14 +117,8 @@ class SampleBatch:
     population: bool = False
 
     def validate(self) -> "SampleBatch":
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, Tensor):
-                if v.dim() != 1 or v.shape[0] != self.logps.shape[0]:
-                    raise InputError(f"SampleBatch.{f.name} must have shape (B,)={tuple(self.logps.shape)}, "
-                                     f"got {tuple(v.shape)}")
-                if v.is_floating_point():
-                    check_finite(f"SampleBatch.{f.name}", v.detach())
+        """Check every field is ``(B,)`` and finite. Raises :class:`InputError`."""
+        _check_rows(self, self.logps.shape[0])
         return self
 
     def with_logps(self, logps: Tensor) -> "SampleBatch":

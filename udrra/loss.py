@@ -42,7 +42,9 @@ class LossOutput:
 
 
 def _wmean(x: Tensor, w: Tensor) -> float:
-    return float((x.detach() * w).sum() / w.sum())
+    """Weighted mean, accumulated in float64 (metrics must not carry float32 round-off)."""
+    w = w.detach().double()
+    return float((x.detach().double() * w).sum() / w.sum())
 
 
 def pair_loss(components: Components, batch: PairBatch) -> LossOutput:

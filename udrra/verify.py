@@ -74,7 +74,7 @@ def total_variation(p: Tensor, q: Tensor) -> Tensor:
 def _kl(p: Tensor, q: Tensor) -> Tensor:
     ratio = torch.where(p > 0, p * (torch.log(p.clamp_min(1e-300)) - torch.log(q.clamp_min(1e-300))),
                         torch.zeros_like(p))
-    return ratio.sum(-1)
+    return ratio.sum(-1).clamp_min(0.0)  # KL ≥ 0; clamp round-off
 
 
 def _margin_violation(algorithm, bandit: Bandit, probs: Tensor) -> float:

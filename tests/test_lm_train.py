@@ -1,0 +1,194 @@
+"""udrra.lm.train: end-to-end preference training on a tiny random Llama with the real ``udrra.load`` algorithms."""
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+from lm_fixtures import char_tokenizer, one_torch_thread, tiny_llama  # noqa: E402,F401
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+import udrra  # noqa: E402
+from udrra.errors import ConfigError, InputError  # noqa: E402
+from udrra.lm.logprobs import sequence_logps  # noqa: E402
+from udrra.lm.models import make_reference  # noqa: E402
+from udrra.lm.train import (add_train_arguments, run_from_args, sample_responses, sampled_kl, train,  # noqa: E402
+                            update_reference)
+
+
+ROWS = [{"prompt": f"Q{i}: {i}+{i}=", "chosen": f" {2 * i}", "rejected": f" {2 * i + 1} or so"} for i in range(30)]
+FAST = dict(batch_size=4, learning_rate=1e-2, max_length=48, max_prompt_length=24, eval_pairs=3, kl_prompts=3,
+            kl_max_new_tokens=4, progress=False, verbose=False)
+
+
+def test_three_step_dpo_run_writes_model_algorithm_toml_and_metrics_and_reloads(tmp_path):
+    algo = udrra.load("dpo")
+    model, tok = tiny_llama(), char_tokenizer()
+    out = tmp_path / "run"
+    res = train(algo, model, ROWS, tokenizer=tok, output_dir=out, max_steps=3, **FAST)
+    assert (out / "algorithm.toml").read_text() == algo.to_toml()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [h["step"] for h in metrics["log_history"]] == [1, 2, 3]
+    assert metrics["config"]["max_steps"] == 3 and metrics["pairs_seen"] == 12
+    assert metrics["data"]["split"]["seed"] == 1234 and metrics["data"]["split"]["totals"] == [27, 3]
+    assert metrics["truncation"]["train"]["rows"] == 27
+    # before training policy == reference: every implicit reward is 0, accuracy counts ties as 1/2, KL is 0
+    before = metrics["eval_before"]
+    assert before["eval/reward_margin"] == 0.0 and before["eval/reward_accuracy"] == 0.5
+    assert before["eval/kl_sampled_k1"] == 0.0 and before["eval/kl_sampled_k3"] == 0.0
+    assert before["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert metrics["eval_after"]["eval/loss"] < before["eval/loss"]  # lr 1e-2 on 12 pairs fits them
+    assert metrics["eval_after"]["eval/kl_sampled_k3"] > 0.0
+    assert res["eval_after"] == metrics["eval_after"] and res["output_dir"] == str(out.resolve())
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no temporary sibling left
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    for (n, a), (_, b) in zip(model.named_parameters(), reloaded.named_parameters()):
+        assert torch.equal(a.detach(), b), n
+
+
+def test_bad_inputs_raise_before_anything_is_written(tmp_path):
+    out = tmp_path / "sub" / "run"
+    cases = [
+        (InputError, "missing column", dict(dataset=[{"prompt": "p", "chosen": "a", "answer": "b"}] * 8)),
+        (InputError, "chosen == rejected", dict(dataset=ROWS + [{"prompt": "p", "chosen": "a", "rejected": "a"}])),
+        (ConfigError, "dpo, ipo, cdpo, rdpo, hinge, simpo", dict(algorithm=udrra.load("grpo"))),
+        (ConfigError, "offline_pairs", dict(algorithm=udrra.load("online_dpo"))),
+        (InputError, "max_prompt_length", dict(max_prompt_length=48)),
+        (InputError, "not found", dict(dataset=str(tmp_path / "missing.jsonl"))),
+    ]
+    for err, match, kw in cases:
+        args = dict(algorithm=udrra.load("dpo"), dataset=ROWS, max_prompt_length=24)
+        args.update(kw)
+        fast = {k: v for k, v in FAST.items() if k != "max_prompt_length"}
+        with pytest.raises(err, match=match):
+            train(args.pop("algorithm"), tiny_llama(), args.pop("dataset"), tokenizer=char_tokenizer(),
+                  output_dir=out, max_steps=1, **args, **fast)
+        assert list(tmp_path.iterdir()) == [], match
+
+
+def test_non_empty_output_dir_is_refused_unless_overwrite_and_then_replaced(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    with pytest.raises(InputError, match="not empty"):
+        train(udrra.load("dpo"), tiny_llama(), ROWS, tokenizer=char_tokenizer(), output_dir=out, max_steps=1, **FAST)
+    assert (out / "keep.txt").read_text() == "old"
+    train(udrra.load("dpo"), tiny_llama(), ROWS, tokenizer=char_tokenizer(), output_dir=out, max_steps=1,
+          overwrite=True, **FAST)
+    assert not (out / "keep.txt").exists() and (out / "metrics.json").exists()
+
+
+def test_reset_every_copies_the_policy_into_the_reference_so_rewards_vanish_after_the_reset_step(tmp_path):
+    algo = udrra.load("dpo", overrides={"reference.update": "reset_every", "reference.every": 2})
+    res = train(algo, tiny_llama(), ROWS, tokenizer=char_tokenizer(), output_dir=tmp_path / "r", max_steps=2, **FAST)
+    after = res["eval_after"]  # reference reset at step 2 == the final policy
+    assert after["eval/reward_margin"] == 0.0 and after["eval/reward_accuracy"] == 0.5
+    assert after["eval/kl_sampled_k1"] == 0.0
+    assert res["algorithm"]["reference_update"] == {"rule": "reset_every", "every": 2}
+    frozen = train(udrra.load("dpo"), tiny_llama(), ROWS, tokenizer=char_tokenizer(), output_dir=tmp_path / "f",
+                   max_steps=2, **FAST)
+    assert frozen["eval_after"]["eval/reward_margin"] != 0.0
+
+
+def test_update_reference_rules_ema_lerps_and_reset_every_copies_on_multiples_only():
+    policy = tiny_llama(0)
+    ref0 = make_reference(tiny_llama(1))
+    ref = make_reference(ref0)
+    assert update_reference(ref, policy, "ema", {"decay": 0.75}, step=1)
+    for a, p, r in zip(ref0.parameters(), policy.parameters(), ref.parameters()):
+        torch.testing.assert_close(r, 0.75 * a + 0.25 * p)
+    ref = make_reference(ref0)
+    assert not update_reference(ref, policy, "reset_every", {"every": 3}, step=2)
+    assert all(torch.equal(r, a) for r, a in zip(ref.parameters(), ref0.parameters()))
+    assert update_reference(ref, policy, "reset_every", {"every": 3}, step=3)
+    assert all(torch.equal(r, p) for r, p in zip(ref.parameters(), policy.parameters()))
+    assert not update_reference(ref, policy, "frozen", {}, step=3)
+
+
+def test_simpo_trains_without_a_reference_and_reports_no_sampled_kl(tmp_path):
+    res = train(udrra.load("simpo"), tiny_llama(), ROWS, tokenizer=char_tokenizer(), output_dir=tmp_path / "s",
+                max_steps=2, gradient_accumulation_steps=2, **FAST)
+    assert res["algorithm"]["uses_reference"] is False and res["pairs_seen"] == 16
+    assert "eval/kl_sampled_k1" not in res["eval_after"]
+    b = res["eval_before"]
+    beta = udrra.load("simpo").beta
+    # SimPO implicit reward = beta * mean token log-prob (no reference): negative, and above beta * the summed
+    # log-prob, since every response has >= 1 token
+    assert b["eval/reward_chosen"] < 0 and beta > 0
+    assert b["eval/reward_chosen"] >= beta * b["eval/logps_chosen"] - 1e-6
+
+
+def test_sample_responses_uses_the_untruncated_distribution_and_sampled_kl_matches_the_exact_kl():
+    policy, ref = tiny_llama(0).eval(), tiny_llama(1).eval()
+    prompt = [5, 6, 7]
+    n = 3000
+    resp = sample_responses(policy, [prompt] * n, max_new_tokens=1, seed=0, pad_token_id=0, eos_token_id=1)
+    assert all(len(r) == 1 for r in resp)
+    assert len({r[0] for r in resp}) > 60  # no top-k=50 (random init: nearly uniform over 100 tokens)
+    with torch.no_grad():
+        lp = torch.log_softmax(policy(torch.tensor([prompt])).logits[0, -1].double(), -1)
+        lr = torch.log_softmax(ref(torch.tensor([prompt])).logits[0, -1].double(), -1)
+    exact = float((lp.exp() * (lp - lr)).sum())
+    kl = sampled_kl(policy, ref, [prompt] * n, max_new_tokens=1, seed=0, pad_token_id=0, eos_token_id=1)
+    d = torch.tensor([float(lp[r[0]] - lr[r[0]]) for r in resp], dtype=torch.float64)
+    assert kl["kl_sampled_k1"] == pytest.approx(float(d.mean()), abs=1e-5)  # scored by sequence_logps
+    se = float(d.std()) / n ** 0.5
+    assert abs(kl["kl_sampled_k1"] - exact) < 4 * se
+    assert kl["kl_sampled_k3"] == pytest.approx(float((torch.exp(-d) - 1 + d).mean()), abs=1e-5)
+
+
+def test_cli_contract_add_train_arguments_and_run_from_args_train_a_local_checkpoint(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    tiny_llama().save_pretrained(ckpt)
+    char_tokenizer().save_pretrained(ckpt)
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    parser = add_train_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--model", str(ckpt), "--dataset", str(data), "--max-steps", "2", "--output-dir",
+                              str(tmp_path / "out"), "--batch-size", "2", "--lr", "1e-3", "--max-length", "40",
+                              "--max-prompt-length", "20", "--eval-pairs", "2", "--kl-prompts", "2",
+                              "--kl-max-new-tokens", "3", "--seed", "1", "--no-progress"])
+    assert (args.batch_size, args.lr, args.eval_steps, args.overwrite) == (2, 1e-3, 0, False)
+    assert run_from_args(args, udrra.load("ipo")) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["algorithm"]["name"] == "ipo" and metrics["config"]["seed"] == 1
+    assert metrics["config"]["learning_rate"] == 1e-3 and len(metrics["log_history"]) == 2
+    with pytest.raises(InputError, match="not empty"):
+        run_from_args(args, udrra.load("ipo"))
+    defaults = parser.parse_args(["--model", "m", "--dataset", "d"])
+    assert (defaults.batch_size, defaults.lr, defaults.max_length, defaults.max_prompt_length, defaults.eval_pairs) \
+        == (4, 5e-6, 256, None, 100)  # None: 3/4 of max_length
+
+
+def test_max_prompt_length_defaults_to_three_quarters_of_max_length(tmp_path):
+    res = train(udrra.load("dpo"), tiny_llama(), ROWS, tokenizer=char_tokenizer(), output_dir=tmp_path / "d",
+                max_steps=1, **{**FAST, "max_prompt_length": None, "max_length": 40})
+    assert res["config"]["max_prompt_length"] == 30 and res["truncation"]["train"]["max_prompt_length"] == 30
+
+
+def test_policy_and_reference_logps_agree_with_sequence_logps_on_the_training_batch():
+    # the trainer's only log-prob path: a fresh reference copy scores exactly like the policy
+    policy = tiny_llama()
+    ref = make_reference(policy)
+    x = torch.randint(3, 100, (2, 9))
+    att = torch.ones_like(x)
+    lm = torch.zeros_like(x)
+    lm[:, 4:] = 1
+    a, _ = sequence_logps(policy.eval(), x, att, lm)
+    with torch.no_grad():
+        b, _ = sequence_logps(ref, x, att, lm)
+    assert torch.equal(a.detach(), b)
+
+
+@pytest.mark.parametrize("name", ["dpo", "ipo", "cdpo", "rdpo", "hinge", "simpo"])
+def test_every_builtin_pair_based_algorithm_trains_one_step_through_its_own_loss(tmp_path, name):
+    algo = udrra.load(name)
+    fast = {**FAST, "kl_prompts": 0, "eval_pairs": 2}
+    res = train(algo, tiny_llama(), ROWS, tokenizer=char_tokenizer(), output_dir=tmp_path / name, max_steps=1, **fast)
+    step = res["log_history"][0]
+    assert math.isfinite(step["train/loss"]) and math.isfinite(res["eval_before"]["eval/loss"])
+    assert (tmp_path / name / "algorithm.toml").read_text() == algo.to_toml()
