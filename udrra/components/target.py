@@ -202,7 +202,7 @@ def _newton(m: Tensor, q: Tensor, beta: float, gamma: float, loss: str) -> Tenso
     return vp
 
 
-def _scale_fixed_point(r: Tensor, v_of_scale: Callable[[float], Tensor], pooled: bool, beta: float) -> Tensor:
+def _scale_fixed_point(r: Tensor, v_of_scale: Callable[[float], Tensor], pooled: bool) -> Tensor:
     """Solve s = std_π(r) where π = π(s) (std-normalised advantages rescale the temperature to β·s).
 
     ``pooled``: one s over all prompts (batch_norm); otherwise one per prompt (group_norm).
@@ -282,10 +282,8 @@ def _derive_frozen(t, s, rw, ref, beta: float) -> DerivedTarget:
     baseline = rw["baseline"]
     normalised = baseline in ("group_norm", "batch_norm")
     if ref.kind == "kl_in_reward":
-        note = None
-        if normalised:
-            note = None  # the KL sits inside R: rescaling R rescales reward and KL together (Xu et al. §5)
-        return DerivedTarget("boltzmann", "π_ref·exp(r/β)/Z", note,
+        # the KL sits inside R, so normalising R rescales reward and KL together: same target (Xu et al. §5)
+        return DerivedTarget("boltzmann", "π_ref·exp(r/β)/Z", None,
                              lambda b: boltzmann(b.pi_ref, b.reward_matrix() / beta))
     est = ref.get("estimator") if ref.kind == "kl_in_loss" else None
     if ref.kind == "none" or est == "k1" or beta == 0:
@@ -314,13 +312,13 @@ def _derive_frozen(t, s, rw, ref, beta: float) -> DerivedTarget:
         def pi_of(sc: float) -> Tensor:
             return family(b.pi_ref, r / (beta * sc))
         if pooled:
-            sc = _scale_fixed_point(r, pi_of, True, beta)
+            sc = _scale_fixed_point(r, pi_of, True)
             return pi_of(float(sc[0]))
         out = torch.empty_like(r)
         for p in range(r.shape[0]):
             sub = b.subset([p])
             rp = sub.reward_matrix()
-            scp = _scale_fixed_point(rp, lambda sc: family(sub.pi_ref, rp / (beta * sc)), False, beta)
+            scp = _scale_fixed_point(rp, lambda sc: family(sub.pi_ref, rp / (beta * sc)), False)
             out[p] = family(sub.pi_ref, rp / (beta * float(scp[0])))[0]
         return out
     if est == "k2":
