@@ -2,8 +2,8 @@
 
 ``sequence_logps`` runs the backbone (hidden states), then ``token_logps`` projects the hidden states of the
 positions that predict a response token through the output embedding and takes the log-softmax in fp32.
-``token_logps`` is the single swap point for a fused linear-log-softmax kernel: everything else (policy,
-reference, evaluation, the sampled KL estimate) goes through it.
+``token_logps`` calls the fused op :func:`udrra.kernels.linear_logprobs`, the only log-prob path: everything
+else (policy, reference, evaluation, the sampled KL estimate) goes through it.
 
 Units: natural-log probabilities (nats). Shapes: ``B`` sequences of ``T`` tokens, hidden size ``H``,
 vocabulary ``V``.
@@ -11,28 +11,26 @@ vocabulary ``V``.
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from ..errors import InputError
+from ..kernels import linear_logprobs
 
 __all__ = ["token_logps", "sequence_logps", "backbone_and_head", "DEFAULT_CHUNK_TOKENS"]
 
-#: Tokens per chunk of logits. One chunk holds ``chunk × V`` fp32 logits (SmolLM2: 1024 × 49152 × 4 B = 201 MB).
-DEFAULT_CHUNK_TOKENS = 1024
-
-
-def _chunk_logps(h: Tensor, w: Tensor, t: Tensor) -> Tensor:
-    logits = h.float() @ w.float().t()  # (n, V) fp32
-    return logits.gather(-1, t.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+#: Tokens per chunk of logits on the CPU paths (``None`` = the op's default, about 64 MiB of fp32 logits).
+DEFAULT_CHUNK_TOKENS = None
 
 
 def token_logps(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100,
-                chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Tensor:
-    """Per-token log-probs ``log softmax(hidden @ weight.T)[target]`` in fp32, chunked over tokens.
+                chunk_tokens: Optional[int] = DEFAULT_CHUNK_TOKENS) -> Tensor:
+    """Per-token log-probs ``log softmax(hidden @ weight.T)[target]`` in fp32, through the fused op.
+
+    Only the positions whose target is not ``ignore_index`` are projected, by
+    :func:`udrra.kernels.linear_logprobs` (Triton on CUDA, chunked on CPU; the N×V logits are never stored).
 
     Args:
         hidden: ``(..., H)`` hidden states (any float dtype) of the positions that predict ``targets``.
@@ -40,13 +38,13 @@ def token_logps(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: i
         targets: ``(...)`` int64 token ids, same leading shape as ``hidden``; ``ignore_index`` marks positions
             whose log-prob is not wanted (prompt, padding).
         ignore_index: the id marking ignored positions.
-        chunk_tokens: tokens per chunk of logits. Only non-ignored positions are projected. When gradients
-            are enabled each chunk is checkpointed (its ``chunk × V`` logits are recomputed in backward, not
-            kept), so peak memory is one chunk of logits rather than all of them.
+        chunk_tokens: rows per chunk on the CPU paths.
 
     Returns:
         ``(...)`` float32 log-probs (nats, ≤ 0); exactly 0 at ignored positions. Differentiable with respect
         to ``hidden`` and ``weight``.
+    Raises:
+        InputError: mismatched shapes, or target ids outside [0, V).
     """
     if hidden.shape[:-1] != targets.shape:
         raise InputError(f"token_logps: hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} "
@@ -66,15 +64,8 @@ def token_logps(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: i
         raise InputError(f"token_logps: target ids must lie in [0, {weight.shape[0]}) or equal ignore_index "
                          f"({ignore_index}); got min {int(tk.min())}, max {int(tk.max())}")
     hk = h.index_select(0, keep)
-    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    pieces = []
-    for s in range(0, hk.shape[0], max(1, int(chunk_tokens))):
-        hc, tc = hk[s:s + chunk_tokens], tk[s:s + chunk_tokens]
-        if grad:
-            pieces.append(checkpoint(_chunk_logps, hc, weight, tc, use_reentrant=False))
-        else:
-            pieces.append(_chunk_logps(hc, weight, tc))
-    return out.index_copy(0, keep, torch.cat(pieces)).reshape(lead)
+    lp = linear_logprobs(hk, weight.to(hk.dtype), tk, ignore_index=ignore_index, chunk_tokens=chunk_tokens)
+    return out.index_copy(0, keep, lp).reshape(lead)
 
 
 def backbone_and_head(model: Any) -> Tuple[Any, Tensor]:
