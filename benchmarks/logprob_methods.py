@@ -28,17 +28,18 @@ def torch_lce(X, W, y):
 
 
 def udrra(X, W, y):
-    """udrra.kernels.linear_logprobs, backend auto (on CPU without entropy: torch's chunked op)."""
+    """udrra.kernels.linear_logprobs, backend auto (on CPU: udrra's chunked path)."""
     return linear_logprobs(X, W, y)
 
 
-def udrra_chunked(X, W, y):
-    """udrra's own chunked autograd path (the CPU path used when the entropy is also needed)."""
-    return linear_logprobs(X, W, y, backend="chunked")
+def udrra_entropy(X, W, y):
+    """udrra with the entropy also returned and differentiated (PPO/GRPO entropy bonus)."""
+    lp, ent = linear_logprobs(X, W, y, return_entropy=True)
+    return lp + 0.01 * ent
 
 
 METHODS = {"naive": naive, "trl_selective": selective, "torch_linear_cross_entropy": torch_lce,
-           "udrra": udrra, "udrra_chunked": udrra_chunked}
+           "udrra": udrra, "udrra_with_entropy": udrra_entropy}
 SHAPES = {"smollm2_head": (4096, 576, 49152), "larger_head": (4096, 1024, 32000)}
 
 

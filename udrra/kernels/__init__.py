@@ -8,10 +8,12 @@ Backends (chosen by ``backend="auto"``):
 - ``triton`` — Triton kernels (forward and backward, vocabulary tiles with an online log-sum-exp, tiles recomputed
   in backward); used for CUDA tensors. Also runs on CPU tensors under ``TRITON_INTERPRET=1`` (that is how CI
   tests it).
-- ``torch`` — torch's own chunked ``torch.nn.functional.linear_cross_entropy`` (``reduction="none"``) with the
-  temperature folded into the inputs; used on CPU when no entropy is asked for.
 - ``chunked`` — udrra's chunked autograd function (token chunks, fp32 log-sum-exp, recomputation in backward);
-  used on CPU when the entropy is asked for (torch's op has none).
+  used on CPU.
+- ``torch`` — torch's own chunked ``torch.nn.functional.linear_cross_entropy`` (``reduction="none"``) with the
+  temperature folded into the inputs (no entropy). Available on request only: on the 2-core CPU of
+  ``benchmarks/results/logprobs_cpu.md`` it took 5.4× the time of the naive materialised path where udrra's
+  chunked path takes 1.3×, at similar memory.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def _resolve_backend(backend: str, hidden: Tensor, return_entropy: bool) -> str:
         from .triton_logprobs import triton_available
         if triton_available():
             return "triton"
-    return "chunked" if return_entropy else "torch"
+    return "chunked"
 
 
 def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Optional[Tensor] = None,
