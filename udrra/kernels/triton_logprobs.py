@@ -355,6 +355,16 @@ def _check_inputs(name: str, hidden: Tensor, weight: Tensor, targets: Tensor,
                                  f"({ignore_index}); got min {lo}, max {hi}")
 
 
+def _check_call(name: str, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor],
+                ignore_index: int, temperature: float, block_n: int, block_v: int, block_h: int) -> float:
+    """The checks shared by :func:`forward` and :func:`backward`; returns the validated temperature."""
+    _require_triton(name)
+    t = _check_temperature(name, temperature)
+    _check_blocks(name, block_n, block_v, block_h)
+    _check_inputs(name, hidden, weight, targets, bias, ignore_index)
+    return t
+
+
 def _check_row_vector(name: str, label: str, t: Optional[Tensor], n: int,
                       device: torch.device) -> Optional[Tensor]:
     """Validate a per-row (N,) floating tensor and return it as a contiguous fp32 tensor."""
@@ -421,10 +431,7 @@ def forward(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tens
         RuntimeError: triton is not installed.
     """
     name = "triton_logprobs.forward"
-    _require_triton(name)
-    t = _check_temperature(name, temperature)
-    _check_blocks(name, block_n, block_v, block_h)
-    _check_inputs(name, hidden, weight, targets, bias, ignore_index)
+    t = _check_call(name, hidden, weight, targets, bias, ignore_index, temperature, block_n, block_v, block_h)
     n, h = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
@@ -509,10 +516,7 @@ def backward(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Ten
         RuntimeError: triton is not installed.
     """
     name = "triton_logprobs.backward"
-    _require_triton(name)
-    t = _check_temperature(name, temperature)
-    _check_blocks(name, block_n, block_v, block_h)
-    _check_inputs(name, hidden, weight, targets, bias, ignore_index)
+    t = _check_call(name, hidden, weight, targets, bias, ignore_index, temperature, block_n, block_v, block_h)
     n, h = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
