@@ -148,3 +148,13 @@ def test_dpo_and_ppo_losses_through_the_op_equal_materialised_logits_on_a_tiny_l
         assert l_op == pytest.approx(l_mat, rel=1e-5, abs=1e-6)
         for a, b in zip(g_op, g_mat):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_default_chunk_is_balanced_and_within_the_128_mib_budget():
+    from udrra.kernels.chunked import default_chunk_tokens
+    # budget: 2**25 fp32 elements per chunk → 682 rows of V = 49152; 4096 rows need ceil(4096/682) = 7 chunks,
+    # balanced to ceil(4096/7) = 586 rows (6 × 586 + 580)
+    assert default_chunk_tokens(49152) == 682
+    assert default_chunk_tokens(49152, 4096) == 586
+    assert default_chunk_tokens(49152, 100) == 100          # one chunk when the rows fit
+    assert default_chunk_tokens(1 << 24, 100) == 15         # floor of 16 rows → 7 chunks of ≤ 15

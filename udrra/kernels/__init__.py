@@ -12,8 +12,8 @@ Backends (chosen by ``backend="auto"``):
   used on CPU.
 - ``torch`` — torch's own chunked ``torch.nn.functional.linear_cross_entropy`` (``reduction="none"``) with the
   temperature folded into the inputs (no entropy). Available on request only: on the 2-core CPU of
-  ``benchmarks/results/logprobs_cpu.md`` it took 1.9–2.3× the time of the naive materialised path (with ~25 MB
-  extra memory) where udrra's chunked path took 1.5–1.7× (with 12–20% of naive's extra memory).
+  ``benchmarks/results/logprobs_cpu.md`` it took 2.0–2.3× the time of the naive materialised path (with ~20 MB
+  extra memory) where udrra's chunked path took 1.2–1.25× (with 5–10% of naive's extra memory).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Op
         ignore_index: marks ignored rows (log-prob and entropy 0, no gradient).
         return_entropy: also return the entropy of each row's distribution (nats), differentiable.
         backend: ``auto`` | ``triton`` | ``torch`` | ``chunked`` (see the module docstring).
-        chunk_tokens: rows per chunk for the CPU paths (default: about 64 MiB of fp32 logits per chunk).
+        chunk_tokens: rows per chunk for the CPU paths (default: about 128 MiB of fp32 logits per chunk).
     Returns:
         ``logp`` ``(N,)`` float32 (nats, ≤ 0; 0 at ignored rows), or ``(logp, entropy)`` with ``return_entropy``.
         Differentiable in ``hidden``, ``weight`` and ``bias`` for any per-row upstream gradient. The log-sum-exp

@@ -14,44 +14,63 @@ from torch import Tensor
 
 __all__ = ["chunked_linear_logprobs", "default_chunk_tokens"]
 
-#: fp32 logits per chunk (elements): 16 Mi elements = 64 MiB
-CHUNK_ELEMENTS = 1 << 24
+#: fp32 logits per chunk (elements): 32 Mi elements = 128 MiB. Measured on 2 CPU cores (smollm2 head): the
+#: matmuls dominate and run faster on taller chunks (measured: 64 MiB chunks ~1.3× naive's time, 128 MiB ~1.2×).
+CHUNK_ELEMENTS = 1 << 25
 
 
-def default_chunk_tokens(vocab: int) -> int:
-    """Rows per chunk so that one chunk of fp32 logits is about 64 MiB (at least 16 rows)."""
-    return max(16, CHUNK_ELEMENTS // max(1, vocab))
+def default_chunk_tokens(vocab: int, rows: Optional[int] = None) -> int:
+    """Rows per chunk so that one chunk of fp32 logits is about 128 MiB (at least 16 rows); with ``rows`` given,
+    the chunks are balanced (equal sizes, none larger than that budget)."""
+    chunk = max(16, CHUNK_ELEMENTS // max(1, vocab))
+    if rows:
+        n_chunks = -(-rows // chunk)
+        chunk = -(-rows // n_chunks)
+    return chunk
 
 
-def _logits(h: Tensor, w32: Tensor, b32: Optional[Tensor], temperature: float) -> Tensor:
-    z = h.float() @ w32.t()
-    if b32 is not None:
-        z = z + b32
-    return z / temperature if temperature != 1.0 else z
+def _logits_into(out: Tensor, h: Tensor, w32: Tensor, b32: Optional[Tensor], temperature: float) -> Tensor:
+    """out ← (h·Wᵀ + b) / T in fp32, written into a reused chunk buffer (no fresh N×V allocation per chunk)."""
+    inv_t = 1.0 / temperature
+    if b32 is None:
+        torch.mm(h.float(), w32.t(), out=out)
+        if temperature != 1.0:
+            out.mul_(inv_t)
+    else:
+        torch.addmm(b32, h.float(), w32.t(), beta=inv_t, alpha=inv_t, out=out)
+    return out
 
 
 class _ChunkedLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, bias, temperature, ignore_index, want_entropy, chunk):
-        N = hidden.shape[0]
+        N, V = hidden.shape[0], weight.shape[0]
         w32 = weight.float()
         b32 = None if bias is None else bias.float()
-        logp = torch.zeros(N, dtype=torch.float32, device=hidden.device)
-        lse = torch.zeros_like(logp)
-        ent = torch.zeros_like(logp)
         keep = targets != ignore_index
         safe_t = torch.where(keep, targets, torch.zeros_like(targets))
+        lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        picked = torch.empty_like(lse)
+        ent = torch.zeros_like(lse)
+        zbuf = torch.empty(min(chunk, N), V, dtype=torch.float32, device=hidden.device)
+        ubuf = torch.empty_like(zbuf) if want_entropy else None
         for s in range(0, N, chunk):
-            z = _logits(hidden[s:s + chunk], w32, b32, temperature)
-            l = torch.logsumexp(z, dim=-1)
-            lse[s:s + chunk] = l
-            logp[s:s + chunk] = z.gather(1, safe_t[s:s + chunk, None]).squeeze(1) - l
+            e = min(s + chunk, N)
+            z = _logits_into(zbuf[:e - s], hidden[s:e], w32, b32, temperature)
+            picked[s:e] = z.gather(1, safe_t[s:e, None]).squeeze(1)
+            m = z.amax(-1, keepdim=True)
+            z.sub_(m)                                          # u = z − max
             if want_entropy:
-                logp_all = z - l[:, None]
-                # −Σ p·log p on log p = z − lse: no cancellation between lse and Σ p·z when |z| is large
-                ent[s:s + chunk] = -(torch.exp(logp_all) * logp_all).sum(-1)
-            del z
-        logp = torch.where(keep, logp, torch.zeros_like(logp))
+                u = ubuf[:e - s]
+                u.copy_(z)
+            z.exp_()
+            sum_e = z.sum(-1)
+            lse[s:e] = m.squeeze(1) + sum_e.log()
+            if want_entropy:
+                # H = log Σe^u − Σ e^u·u / Σe^u with u = z − max ≥ ... ≤ 0: no cancellation when |z| is large
+                ent[s:e] = sum_e.log() - z.mul_(u).sum(-1) / sum_e
+        del zbuf, ubuf
+        logp = torch.where(keep, picked - lse, torch.zeros_like(lse))
         ent = torch.where(keep, ent, torch.zeros_like(ent))
         ctx.save_for_backward(hidden, weight, safe_t, keep, bias, lse, ent)
         ctx.temperature, ctx.want_entropy, ctx.chunk = temperature, want_entropy, chunk
@@ -61,34 +80,42 @@ class _ChunkedLogprobs(torch.autograd.Function):
     def backward(ctx, g_logp, g_ent):
         hidden, weight, t, keep, bias, lse, ent = ctx.saved_tensors
         T, chunk = ctx.temperature, ctx.chunk
+        N, V = hidden.shape[0], weight.shape[0]
         w32 = weight.float()
         b32 = None if bias is None else bias.float()
-        kf = keep.float()
+        kf = keep.float() / T                                  # d z / d(logits) = 1/T folded into the weights
         g = (g_logp.float() if g_logp is not None else torch.zeros_like(lse)) * kf
         e = (g_ent.float() * kf) if (ctx.want_entropy and g_ent is not None) else None
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
-        dh = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
+        dh = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
         dw = torch.zeros_like(w32) if need_w else None
         db = torch.zeros_like(b32) if (need_b and b32 is not None) else None
-        for s in range(0, hidden.shape[0], chunk):
-            hs = hidden[s:s + chunk]
-            z = _logits(hs, w32, b32, T)
-            p = torch.exp(z - lse[s:s + chunk, None])
-            gs = g[s:s + chunk, None]
-            dz = -gs * p                                                    # g·(onehot − p)
-            dz.scatter_add_(1, t[s:s + chunk, None], gs)
+        zbuf = torch.empty(min(chunk, N), V, dtype=torch.float32, device=hidden.device)
+        ubuf = torch.empty_like(zbuf) if e is not None else None
+        for s in range(0, N, chunk):
+            end = min(s + chunk, N)
+            hs = hidden[s:end]
+            z = _logits_into(zbuf[:end - s], hs, w32, b32, T)
+            z.sub_(lse[s:end, None])                          # log p
+            gs = g[s:end, None]
             if e is not None:
-                es = e[s:s + chunk, None]
-                dz -= es * p * (z - lse[s:s + chunk, None] + ent[s:s + chunk, None])  # −e·p·(log p + H)
-            del z, p
-            if T != 1.0:
-                dz /= T
+                lp = ubuf[:end - s]
+                lp.copy_(z)
+            z.exp_()                                           # p
+            if e is not None:
+                # dH/dz = −p·(log p + H): total dz = g·(onehot − p) − e·p·(log p + H)
+                lp.add_(ent[s:end, None]).mul_(e[s:end, None]).add_(gs)
+                z.mul_(lp).neg_()
+            else:
+                z.mul_(-gs)                                    # −g·p
+            z.scatter_add_(1, t[s:end, None], gs)              # + g at the target
             if dh is not None:
-                dh[s:s + chunk] = dz @ w32
+                torch.mm(z, w32, out=dh[s:end])
             if dw is not None:
-                dw.addmm_(dz.t(), hs.float())
+                dw.addmm_(z.t(), hs.float())
             if db is not None:
-                db += dz.sum(0)
+                db += z.sum(0)
+        del zbuf, ubuf
         return (None if dh is None else dh.to(hidden.dtype), None if dw is None else dw.to(weight.dtype), None,
                 None if db is None else db.to(bias.dtype), None, None, None, None)
 
@@ -98,7 +125,7 @@ def chunked_linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, 
                             chunk_tokens: Optional[int] = None) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """The chunked path of :func:`udrra.kernels.linear_logprobs` (same arguments and results; inputs checked
     there). ``chunk_tokens`` rows per chunk (default :func:`default_chunk_tokens`)."""
-    chunk = int(chunk_tokens or default_chunk_tokens(weight.shape[0]))
+    chunk = int(chunk_tokens or default_chunk_tokens(weight.shape[0], hidden.shape[0]))
     logp, ent = _ChunkedLogprobs.apply(hidden, weight, targets, bias, float(temperature), int(ignore_index),
                                       bool(return_entropy), chunk)
     return (logp, ent) if return_entropy else logp

@@ -21,7 +21,7 @@ from ..kernels import linear_logprobs
 
 __all__ = ["token_logps", "sequence_logps", "backbone_and_head", "DEFAULT_CHUNK_TOKENS"]
 
-#: Tokens per chunk of logits on the CPU paths (``None`` = the op's default, about 64 MiB of fp32 logits).
+#: Tokens per chunk of logits on the CPU paths (``None`` = the op's default, about 128 MiB of fp32 logits).
 DEFAULT_CHUNK_TOKENS = None
 
 
