@@ -97,5 +97,16 @@ def test_cli_show_explains_grpo_true_fixed_point():
 def test_bandit_rejects_bad_reference():
     with pytest.raises(udrra.InputError, match="sum to 1"):
         udrra.Bandit([[0.5, 0.6]], reward=[[0.0, 1.0]])
-    with pytest.raises(udrra.InputError, match="full support"):
-        udrra.Bandit([[1.0, 0.0]], reward=[[0.0, 1.0]])
+    with pytest.raises(udrra.InputError, match="non-negative"):
+        udrra.Bandit([[1.2, -0.2]], reward=[[0.0, 1.0]])
+
+
+def test_bandit_accepts_a_reference_without_full_support_and_keeps_targets_off_it():
+    # Xu et al. 2404.10719 Table 1: π_ref = (½, ½, 0). Boltzmann target π_ref·e^{r/β}/Z with r = (1, 0, 5), β = 1:
+    # (e, 1, 0)/(e + 1) by hand — the unsupported response gets nothing however large its reward.
+    import math
+    b = udrra.Bandit([[0.5, 0.5, 0.0]], reward=[[1.0, 0.0, 5.0]])
+    assert not b.full_support
+    assert b.log_pi_ref[0, 2] == pytest.approx(math.log(1e-30))
+    t = udrra.load("ppo", {"target.beta": 1.0}).target_distribution(b)[0]
+    assert t.tolist() == pytest.approx([math.e / (math.e + 1), 1 / (math.e + 1), 0.0], abs=1e-12)

@@ -18,7 +18,11 @@ from .batch import PairBatch, SampleBatch
 from .components import source as source_mod
 from .errors import InputError, TargetError
 
-__all__ = ["Bandit", "response_logps", "draw_indices", "make_batch", "bandit_batch"]
+__all__ = ["Bandit", "response_logps", "draw_indices", "make_batch", "bandit_batch", "LOG_ZERO"]
+
+#: log π_ref used for responses outside the reference's support: log(1e-30) ≈ −69.1 nats, so log-ratios stay
+#: finite while exp(LOG_ZERO) is negligible next to any supported response.
+LOG_ZERO = -69.07755278982137
 
 
 def _as64(name: str, x, ndim: int) -> Tensor:
@@ -34,7 +38,9 @@ class Bandit:
     """A contextual bandit with P prompts and K responses per prompt.
 
     Args:
-        pi_ref: ``(P, K)`` reference policy, rows summing to 1, every entry > 0 (full support).
+        pi_ref: ``(P, K)`` reference policy, rows summing to 1, entries ≥ 0. Zero entries are allowed (a
+            response the reference never produces, as in Xu et al. 2404.10719 Table 1); in log space they are
+            floored at :data:`LOG_ZERO` so that k1 = log π/π_ref stays finite (a penalty of ≈ 69 nats).
         reward: ``(P, K)`` reward r(x, y) (units of the reward model), or ``None``.
         preference: ``(P, K, K)`` with ``preference[x, y, y'] = P(y ≻ y' | x)``; must satisfy
             p[y, y'] + p[y', y] = 1 off the diagonal. Default: Bradley–Terry σ(r(y) − r(y')) from ``reward``.
@@ -42,7 +48,8 @@ class Bandit:
             diagonal is ignored). Default: uniform over y ≠ y'.
         sample_distribution: ``(P, K)`` d for ``offline_samples`` sources. Default: uniform.
     Raises:
-        InputError: shapes that disagree, non-finite values, rows not summing to 1, zero reference mass,
+        InputError: shapes that disagree, non-finite values, rows not summing to 1, negative reference mass
+            or a prompt with fewer than one response in the reference's support,
             a preference matrix that is not a probability (0 ≤ p ≤ 1, p + pᵀ = 1), or neither reward nor
             preference given.
     """
@@ -52,8 +59,10 @@ class Bandit:
         P, K = ref.shape
         if K < 2:
             raise InputError(f"a bandit needs K >= 2 responses per prompt, got K={K}")
-        if (ref <= 0).any():
-            raise InputError("pi_ref must give every response positive probability (full support)")
+        if (ref < 0).any():
+            raise InputError("pi_ref must be non-negative")
+        if ((ref > 0).sum(-1) < 1).any():
+            raise InputError("pi_ref must give some response positive probability in every prompt")
         if not torch.allclose(ref.sum(-1), torch.ones(P, dtype=torch.float64), atol=1e-6):
             raise InputError(f"pi_ref rows must sum to 1, got sums {ref.sum(-1).tolist()}")
         self.pi_ref = ref / ref.sum(-1, keepdim=True)
@@ -88,6 +97,20 @@ class Bandit:
         if d.shape != (P, K) or (d < 0).any():
             raise InputError(f"sample_distribution must be non-negative with shape (P, K)={(P, K)}")
         self.sample_distribution = d / d.sum(-1, keepdim=True)
+
+    @property
+    def log_pi_ref(self) -> Tensor:
+        """``(P, K)`` log π_ref, with zero-probability responses floored at :data:`LOG_ZERO` (finite)."""
+        return torch.log(self.pi_ref).clamp_min(LOG_ZERO)
+
+    @property
+    def full_support(self) -> bool:
+        """True when π_ref gives every response positive probability."""
+        return bool((self.pi_ref > 0).all())
+
+    def with_reward(self, reward) -> "Bandit":
+        """The same bandit (π_ref, preferences, μ, d) with another scalar reward, e.g. a fitted reward model."""
+        return Bandit(self.pi_ref, reward, self.preference, self.pair_distribution, self.sample_distribution)
 
     @property
     def shape(self):

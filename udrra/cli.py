@@ -1,4 +1,4 @@
-"""The ``udrra`` command line: list, show, verify, train.
+"""The ``udrra`` command line: list, show, verify, ablate, train.
 
 Exit codes: 0 success; 1 ``verify`` found an algorithm off its target; 2 usage or input errors (unknown
 algorithm, malformed TOML, invalid composition, bad data), printed as one line on stderr.
@@ -58,6 +58,9 @@ def cmd_verify(args) -> int:
     names = catalog_names() if args.all else args.algorithms
     algos = [load(n, _overrides(args.overrides)) for n in names]  # validate everything before training
     bandit = Bandit.random(P=args.prompts, K=args.responses, seed=args.seed)
+    # bandit tensors are tiny: one thread avoids OpenMP synchronisation on every op (much slower on a busy machine)
+    import torch
+    torch.set_num_threads(1)
     failed = 0
     t0 = time.perf_counter()
     if not args.json:
@@ -83,6 +86,24 @@ def cmd_verify(args) -> int:
     if not args.json:
         print(f"{len(algos) - failed}/{len(algos)} reached their target ({time.perf_counter() - t0:.1f} s)")
     return 1 if failed else 0
+
+
+def cmd_ablate(args) -> int:
+    from .ablate import load_experiment, run_experiment
+    experiments = [load_experiment(path) for path in args.experiments]  # validate every file before running
+    if args.output_dir and len(experiments) > 1:
+        raise UdrraError("--output-dir takes one experiment file (each experiment writes its own folder)")
+    for ex in experiments:
+        out = args.output_dir or str(__import__("pathlib").Path(args.results) / ex.name)
+        res = run_experiment(ex, out, progress=not args.no_progress, steps=args.steps, seeds=args.seeds)
+        print(f"{ex.name}: {len(ex.variants)} variants × {ex.seeds} seeds in {res.seconds:.1f} s -> {out}/")
+        for s in res.summary:
+            parts = [f"{m} {s[f'{m}_final']:.3g}" for m in ex.metrics]
+            print(f"  {s['variant']:28s} " + "  ".join(parts))
+        for c in res.claims:
+            print(f"  claim {'holds' if c['holds'] else 'DOES NOT hold'}: {c['text']} "
+                  f"({c['metric']} {c['measured']:.3g} {c['op']} {c['against']} {c['reference']:.3g})")
+    return 0
 
 
 def cmd_train(args) -> int:
@@ -124,6 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--responses", type=int, default=DEFAULT_K, help=f"responses per prompt K (default {DEFAULT_K})")
     _add_set(p)
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("ablate", help="run convergence ablations from an experiment file",
+                       description="Run every variant × seed of an experiment file on its bandit testbed and write "
+                                   "metrics.csv, summary.csv, PNG figures and report.md (see experiments/).")
+    p.add_argument("experiments", nargs="+", metavar="PATH.toml")
+    p.add_argument("--output-dir", default=None, help="output folder (default: RESULTS/<experiment name>)")
+    p.add_argument("--results", default="results", help="parent folder of the default output (default results)")
+    p.add_argument("--steps", type=int, default=None, help="override the file's steps (quick runs)")
+    p.add_argument("--seeds", type=int, default=None, help="override the file's seeds")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("train", help="train a language model with a pair-based algorithm",
                        description="Train a causal LM on preference pairs with a pair-based composition "

@@ -92,9 +92,13 @@ def parse_override_value(text: str) -> Any:
 
 
 def apply_overrides(raw: Dict[str, Any], overrides: Optional[Mapping[str, Any]], display: str) -> Dict[str, Any]:
-    """Apply dotted-key overrides such as ``{"target.beta": 0.5}``. Unknown tables are rejected."""
+    """Apply dotted-key overrides such as ``{"target.beta": 0.5}``. Unknown tables are rejected.
+
+    ``TABLE.kind`` overrides are applied first (a new kind starts from its own defaults), then the parameters,
+    so ``{"target.beta": 0.5, "target.kind": "forward_kl"}`` keeps β whatever the order of the keys."""
     out = copy.deepcopy(raw)
-    for key, value in (overrides or {}).items():
+    items = sorted((overrides or {}).items(), key=lambda kv: not kv[0].endswith(".kind"))
+    for key, value in items:
         parts = key.split(".")
         if len(parts) != 2 or parts[0] not in (*TABLES, "algorithm"):
             raise ConfigError(f"{display}: override {key!r} must be TABLE.PARAM with TABLE one of "

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import List
 
 from .components.reward import LINK_TABLE
+from .proof_index import proofs_for, why_none
 
 _BASELINE_TEXT = {
     "none": "A = R",
@@ -73,6 +74,8 @@ def describe(algorithm) -> str:
             f"target (derived):  {tgt.kind}: {tgt.formula}"]
     if tgt.note:
         out.append(f"  note: {tgt.note}")
+    proofs = proofs_for(algorithm)
+    out += [f"proof: {node} — {claim}" for node, claim in proofs] or [f"proof: none ({why_none(algorithm)})"]
     if algorithm.paper:
         out += ["", f"paper: {algorithm.paper}"]
     if algorithm.path is not None:

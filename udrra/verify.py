@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor
@@ -18,7 +18,7 @@ from torch import Tensor
 from .bandit import Bandit, draw_indices, make_batch
 from .errors import InputError
 
-__all__ = ["VerifyResult", "verify", "train", "total_variation", "EXACT_TOL", "SAMPLED_TOL"]
+__all__ = ["VerifyResult", "verify", "train", "total_variation", "EXACT_TOL", "SAMPLED_TOL", "OPTIMIZERS"]
 
 EXACT_TOL = 1e-4
 SAMPLED_TOL = 2e-2
@@ -82,7 +82,7 @@ def _margin_violation(algorithm, bandit: Bandit, probs: Tensor) -> float:
     from .components.source import pair_labels
     beta = algorithm.beta
     src = algorithm.components.source
-    u = torch.log(probs) - torch.log(bandit.pi_ref)
+    u = torch.log(probs) - bandit.log_pi_ref
     P, K = probs.shape
     worst = 0.0
     for p in range(P):
@@ -96,23 +96,47 @@ def _margin_violation(algorithm, bandit: Bandit, probs: Tensor) -> float:
     return worst
 
 
+OPTIMIZERS = ("rprop", "adam", "sgd")
+
+
 def train(algorithm, bandit: Bandit, *, exact: bool = True, steps: Optional[int] = None, seed: int = 0,
           lr: Optional[float] = None, batch_size: int = 64, init_logits: Optional[Tensor] = None,
-          log_every: int = 50, target: Optional[Tensor] = None):
-    """Train a tabular softmax policy on ``bandit`` through ``algorithm``'s derived loss.
+          log_every: int = 50, target: Optional[Tensor] = None, policy: Optional[torch.nn.Module] = None,
+          optimizer: Optional[str] = None, lr_decay: Optional[bool] = None, average: Optional[bool] = None,
+          early_stop: Optional[bool] = None, metrics: Optional[Callable[[Tensor], Dict[str, float]]] = None,
+          loss_scale: float = 1.0):
+    """Train a bandit policy on ``bandit`` through ``algorithm``'s derived loss.
 
     The generic loop: source → log-probs → loss → optimiser step → reference update. Exact mode runs Rprop on
     the population loss (sign-based steps suit its deterministic gradients and reach 1e-12 precision); sampled
     mode runs Adam with a 1/√t learning-rate decay and averages the policy over the second half of training.
 
-    Args: as :func:`verify`; ``target`` ``(P, K)`` (optional) adds TV to the logged history.
+    Args: as :func:`verify`, and
+        target: ``(P, K)`` (optional) adds TV to the logged history.
+        policy: a module whose ``forward()`` gives ``(P, K)`` logits (:mod:`udrra.policy`); default a
+            :class:`~udrra.policy.TablePolicy` at log π_ref + ``init_logits``.
+        optimizer: ``rprop`` | ``adam`` | ``sgd`` (default rprop exact, adam sampled).
+        lr_decay: multiply the learning rate by 1/√(1 + t/50) (default: only for the default sampled optimiser).
+        average: return the average policy over the second half of each round (default: sampled mode).
+        early_stop: stop once the logits move < 1e-11 for 5 steps (default: exact mode).
+        metrics: called with the ``(P, K)`` policy at every logged step; its dict joins the history record.
+        loss_scale: multiplies the loss (used when independent copies of a bandit are stacked as prompts, so
+            that each copy sees the gradient it would see alone).
     Returns:
         ``(learned (P, K) float64, steps taken, history list of dicts)``.
     Raises:
-        InputError: ``steps`` < 1.
+        InputError: ``steps`` < 1, or an unknown optimizer.
     """
+    from .policy import TablePolicy
     if steps is not None and steps < 1:
         raise InputError(f"steps must be >= 1, got {steps}")
+    if optimizer is not None and optimizer not in OPTIMIZERS:
+        raise InputError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+    default_opt = optimizer is None
+    optimizer = optimizer or ("rprop" if exact else "adam")
+    lr_decay = (default_opt and not exact) if lr_decay is None else lr_decay
+    average = (not exact) if average is None else average
+    early_stop = exact if early_stop is None else early_stop
     steps = steps or (3000 if exact else 1000)
     lr = lr or (0.05 if exact else 0.1)
     ref_comp = algorithm.components.reference
@@ -121,52 +145,68 @@ def train(algorithm, bandit: Bandit, *, exact: bool = True, steps: Optional[int]
     epochs = 1 if exact else int(algorithm.components.source.get("epochs") or 1)
     gen = torch.Generator().manual_seed(seed)
 
-    ref_logits = torch.log(bandit.pi_ref).clone()
-    start = ref_logits.clone() if init_logits is None else ref_logits + torch.as_tensor(init_logits, dtype=torch.float64)
-    logits = start.clone().requires_grad_(True)
+    ref_logits = bandit.log_pi_ref.clone()
+    if policy is None:
+        start = ref_logits.clone() if init_logits is None else \
+            ref_logits + torch.as_tensor(init_logits, dtype=torch.float64)
+        policy = TablePolicy(start)
+    params = [p for p in policy.parameters() if p.requires_grad]
     history: List[Dict[str, float]] = []
     total = 0
+    final = None
     for rnd in range(rounds):
-        opt = (torch.optim.Rprop([logits], lr=lr, step_sizes=(1e-12, 5.0)) if exact
-               else torch.optim.Adam([logits], lr=lr))
+        if optimizer == "rprop":
+            opt = torch.optim.Rprop(params, lr=lr, step_sizes=(1e-12, 5.0))
+        elif optimizer == "adam":
+            opt = torch.optim.Adam(params, lr=lr)
+        else:
+            opt = torch.optim.SGD(params, lr=lr)
         avg = None
         n_avg = 0
         still = 0
         for step in range(steps):
-            if not exact:
+            if lr_decay:
                 for g in opt.param_groups:
                     g["lr"] = lr / math.sqrt(1.0 + step / 50.0)
+            logits = policy()
             ib = draw_indices(algorithm, bandit, logits, exact=exact, batch_size=batch_size, generator=gen)
             old = logits.detach().clone()
-            for _ in range(epochs):
+            for epoch in range(epochs):
+                if epoch:
+                    logits = policy()
                 batch = make_batch(algorithm, bandit, ib, logits, ref_logits, old_logits=old if epochs > 1 else None)
                 out = algorithm.loss(batch)
                 opt.zero_grad()
-                out.loss.backward()
+                (out.loss * loss_scale if loss_scale != 1.0 else out.loss).backward()
                 opt.step()
             total += 1
+            with torch.no_grad():
+                now = policy().detach()
             if update == "ema":
                 decay = float(ref_comp["decay"])
-                ref_logits = decay * ref_logits + (1 - decay) * torch.log_softmax(logits.detach(), -1)
-            moved = float((logits.detach() - old).abs().max())
-            if not exact and step >= steps // 2:
-                probs = torch.softmax(logits.detach(), -1)
+                ref_logits = decay * ref_logits + (1 - decay) * torch.log_softmax(now, -1)
+            moved = float((now - old).abs().max())
+            probs = torch.softmax(now, -1)
+            if average and step >= steps // 2:
                 avg = probs if avg is None else avg + probs
                 n_avg += 1
             if step % log_every == 0 or step == steps - 1:
                 rec = {"step": total, "round": rnd, "loss": float(out.loss.detach())}
                 if target is not None and rnd == rounds - 1:
-                    rec["tv"] = float(total_variation(torch.softmax(logits.detach(), -1), target).max())
+                    rec["tv"] = float(total_variation(probs, target).max())
+                if metrics is not None:
+                    rec.update(metrics(probs))
                 history.append(rec)
             still = still + 1 if moved < 1e-11 else 0  # Rprop skips one update after each sign flip
-            if exact and still >= 5:
+            if early_stop and still >= 5:
                 break
-        if not exact and avg is not None:
+        final = torch.softmax(policy().detach(), -1) if avg is None else avg / n_avg
+        if avg is not None and isinstance(policy, TablePolicy):
             with torch.no_grad():
-                logits.copy_(torch.log(avg / n_avg))
+                policy.logits.copy_(torch.log(final))
         if update == "reset_every" and rnd < rounds - 1:
-            ref_logits = torch.log_softmax(logits.detach(), -1).clone()
-    return torch.softmax(logits.detach(), -1), total, history
+            ref_logits = torch.log(final).clone()
+    return final, total, history
 
 
 def verify(algorithm, bandit: Bandit, *, exact: bool = True, steps: Optional[int] = None, seed: int = 0,

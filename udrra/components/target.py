@@ -96,7 +96,7 @@ def inverse_family(ref: Tensor, v: Tensor) -> Tensor:
     out = torch.empty_like(ref)
     for p in range(ref.shape[0]):
         vp, rp = v[p].double(), ref[p].double()
-        top = float(vp.max())
+        top = float(vp[rp > 0].max())  # responses outside π_ref's support get π = 0 whatever v is
 
         def excess(lam: float) -> float:
             return float((rp / (lam - vp)).sum()) - 1.0

@@ -1,0 +1,235 @@
+"""Every proof accepts its true claim (residuals identically 0) and rejects perturbed claims (a residual that
+evaluates to a non-zero number at a concrete point, so it is not identically 0)."""
+
+import sympy as sp
+
+from proofs import dpo, grpo, ipo, iterated_dpo, kl_estimators, kl_regularised, label_noise, margin_losses
+from proofs import policy_gradient, udrra_equivalence
+from proofs._common import K, all_zero, boltzmann, nonzero_somewhere, sigmoid
+
+
+def half_temperature(pi_ref, r, beta):
+    """π_ref·exp(r/(2β))/Z — the Boltzmann policy at the wrong temperature."""
+    return boltzmann(pi_ref, r, 2 * beta)
+
+
+def wrong_sign(pi_ref, r, beta):
+    """π_ref·exp(−r/β)/Z."""
+    return boltzmann(pi_ref, [-x for x in r], beta)
+
+
+def reference_only(pi_ref, r, beta):
+    """π_ref itself (no reward tilt), normalised."""
+    z = sp.Add(*pi_ref)
+    return [p / z for p in pi_ref]
+
+
+# ------------------------------------------------------------------------------------------ 1 KL optimum
+def test_1_kl_regularised_optimum():
+    assert all_zero(kl_regularised.kl_optimum_stationary())
+    assert all_zero(kl_regularised.kl_optimal_value())
+    assert all_zero(kl_regularised.kl_objective_gibbs_identity())
+    assert kl_regularised.kl_objective_strictly_concave() is True
+
+
+def test_1_kl_regularised_optimum_rejects_wrong_claims():
+    for wrong in (half_temperature, wrong_sign, reference_only):
+        assert nonzero_somewhere(kl_regularised.kl_optimum_stationary(wrong))
+        assert nonzero_somewhere(kl_regularised.kl_objective_gibbs_identity(wrong))
+    assert nonzero_somewhere(kl_regularised.kl_optimal_value(lambda Z, beta: sp.log(Z)))
+    assert nonzero_somewhere(kl_regularised.kl_optimal_value(lambda Z, beta: beta * Z))
+    # with the KL sign flipped (E[r] + β·KL) the objective is convex, not concave
+    assert kl_regularised.kl_objective_strictly_concave(lambda b: b) is False
+
+
+# ------------------------------------------------------------------------------------------------ 2 DPO
+def test_2_dpo_stationary_at_boltzmann():
+    assert all_zero(dpo.dpo_stationary_at_boltzmann())
+    assert all_zero(dpo.dpo_pair_margin())
+
+
+def test_2_dpo_rejects_wrong_claims():
+    for wrong in (half_temperature, wrong_sign, reference_only):
+        assert nonzero_somewhere(dpo.dpo_stationary_at_boltzmann(wrong))
+    assert nonzero_somewhere(dpo.dpo_pair_margin(lambda dr, beta: dr / (2 * beta)))
+    assert nonzero_somewhere(dpo.dpo_pair_margin(lambda dr, beta: dr))          # β·h* = β·Δr: β forgotten
+
+
+# ------------------------------------------------------------------------------------------------ 3 IPO
+def test_3_ipo_stationary_at_psi_target():
+    assert all_zero(ipo.ipo_stationary_at_psi_target())
+    assert all_zero(ipo.ipo_hessian_sum_of_squares())
+    assert all_zero(ipo.ipo_two_arm_example())
+
+
+def test_3_ipo_rejects_wrong_claims():
+    def half_tau(pi_ref, P, mu, tau):
+        return ipo.ipo_target(pi_ref, P, mu, 2 * tau)
+
+    def without_self_comparison(pi_ref, P, mu, tau):
+        # p(y≻μ) without the y' = y term (p(y≻y) = ½): shifts each arm by μ(y)/2, not a constant
+        pm = [sp.Add(*[mu[j] * P[i][j] for j in range(K) if j != i]) for i in range(K)]
+        w = [pi_ref[i] * sp.exp(pm[i] / tau) for i in range(K)]
+        return [x / sp.Add(*w) for x in w]
+
+    def dpo_answer(pi_ref, P, mu, tau):
+        # Boltzmann in the Bradley–Terry reward log p/(1 − p) relative to arm 1 — DPO's target, not IPO's
+        v = [sp.Integer(0)] + [sp.log(P[i][0] / (1 - P[i][0])) for i in range(1, K)]
+        w = [pi_ref[i] * sp.exp(v[i] / tau) for i in range(K)]
+        return [x / sp.Add(*w) for x in w]
+
+    for wrong in (half_tau, without_self_comparison, dpo_answer):
+        assert nonzero_somewhere(ipo.ipo_stationary_at_psi_target(wrong))
+    assert nonzero_somewhere(ipo.ipo_hessian_sum_of_squares(lambda a, b: 2 * a * b))
+    assert nonzero_somewhere(ipo.ipo_two_arm_example(lambda tau: sigmoid(1 / tau)))
+    assert nonzero_somewhere(ipo.ipo_two_arm_example(lambda tau: sp.Integer(1)))   # DPO's answer
+
+
+# ------------------------------------------------------------------------------------- 4 cDPO and rDPO
+def test_4_cdpo_margin_and_rdpo_unbiased():
+    assert all_zero(label_noise.cdpo_deterministic_margin())
+    assert all_zero(label_noise.cdpo_margin_with_label_frequency())
+    assert all_zero(label_noise.rdpo_unbiased())
+    assert all_zero(label_noise.rdpo_effective_label())
+
+
+def test_4_label_noise_rejects_wrong_claims():
+    assert nonzero_somewhere(label_noise.cdpo_deterministic_margin(lambda e: sp.log(e / (1 - e))))
+    assert nonzero_somewhere(label_noise.cdpo_deterministic_margin(lambda e: sp.log(1 / e)))
+    assert nonzero_somewhere(label_noise.cdpo_margin_with_label_frequency(lambda p, e: sp.log(p / (1 - p))))
+    # cDPO's smoothed loss is not unbiased; nor is rDPO without its 1/(1 − 2ε) normalisation
+    assert nonzero_somewhere(label_noise.rdpo_unbiased(lambda x, e, l: label_noise.cdpo_loss(x, e, l)))
+    assert nonzero_somewhere(label_noise.rdpo_unbiased(lambda x, e, l: (1 - e) * l(x) - e * l(-x)))
+    assert nonzero_somewhere(label_noise.rdpo_effective_label(lambda qt, e: qt * (1 - e) + (1 - qt) * e))
+
+
+# ------------------------------------------------------------------------------- 5 DPO policy gradient
+def test_5_dpo_gradient_is_weighted_policy_gradient():
+    assert all_zero(policy_gradient.dpo_gradient_is_weighted_policy_gradient())
+    assert all_zero(policy_gradient.score_function_baseline_invariance())
+
+
+def test_5_policy_gradient_rejects_wrong_claims():
+    pg = policy_gradient.dpo_gradient_is_weighted_policy_gradient
+    assert nonzero_somewhere(pg(lambda w, l: sigmoid(w - l)))                      # σ(r̂_w − r̂_l): wrong sign
+    assert nonzero_somewhere(pg(lambda w, l: sp.Integer(1)))                       # unweighted
+    # a baseline that depends on the sampled response biases the gradient
+    assert nonzero_somewhere(policy_gradient.score_function_baseline_invariance(lambda R, y: R[y] / 2))
+
+
+# ------------------------------------------------------------------------------------- 6 KL estimators
+def test_6_kl_estimators():
+    assert all_zero(kl_estimators.k1_loss_zero_expected_gradient())
+    assert all_zero(kl_estimators.k3_loss_gradient_is_forward_kl())
+    assert all_zero(kl_estimators.k1_in_reward_gradient_is_reverse_kl())
+    assert all_zero(kl_estimators.k2_loss_gradient_is_reverse_kl())
+
+
+def test_6_kl_estimators_reject_wrong_claims():
+    ke = kl_estimators
+    assert nonzero_somewhere(ke.k1_loss_zero_expected_gradient(ke.k3))              # k3 does regularise
+    assert nonzero_somewhere(ke.k3_loss_gradient_is_forward_kl(ke.k1))              # k1 where k3 is claimed
+    assert nonzero_somewhere(ke.k3_loss_gradient_is_forward_kl(divergence=ke.kl_pi_ref))  # k3 ≠ ∇KL(π‖π_ref)
+    assert nonzero_somewhere(ke.k2_loss_gradient_is_reverse_kl(divergence=ke.kl_ref_pi))
+    assert nonzero_somewhere(ke.k1_in_reward_gradient_is_reverse_kl(ke.kl_ref_pi))
+    assert nonzero_somewhere(ke.k1_in_reward_gradient_is_reverse_kl(estimator=ke.k3))
+
+
+# -------------------------------------------------------------------------------------------- 7 GRPO
+def test_7_grpo_fixed_point():
+    assert all_zero(grpo.grpo_gradient_coefficient_is_eq21())
+    assert all_zero(grpo.grpo_fixed_point_stationary())
+    assert all_zero(grpo.grpo_objective_stationary())
+    assert all_zero(grpo.grpo_fixed_point_normalisation())
+    assert all_zero(grpo.grpo_mean_only_stationary())
+
+
+def test_7_grpo_rejects_wrong_claims():
+    def double_beta(pi_ref, r, beta, rbar, sigma):
+        return grpo.grpo_fixed_point(pi_ref, r, 2 * beta, rbar, sigma)
+
+    def plus_sign(pi_ref, r, beta, rbar, sigma):
+        return [p / (1 + (ri - rbar) / (beta * sigma)) for p, ri in zip(pi_ref, r)]
+
+    # the reverse-KL (k2-like) coefficient Â − β·log(π/π_ref) is not what k3 in the loss gives
+    assert nonzero_somewhere(grpo.grpo_gradient_coefficient_is_eq21(
+        lambda adv, pi, ref, beta: adv - beta * sp.log(pi / ref)))
+    for wrong in (grpo.boltzmann_in_advantage, double_beta, plus_sign):
+        assert nonzero_somewhere(grpo.grpo_fixed_point_stationary(wrong))
+        assert nonzero_somewhere(grpo.grpo_objective_stationary(wrong))
+    assert nonzero_somewhere(grpo.grpo_fixed_point_normalisation(double_beta))
+    assert nonzero_somewhere(grpo.grpo_mean_only_stationary(lambda pi_ref, r, beta, lam: boltzmann(pi_ref, r, beta)))
+    assert nonzero_somewhere(grpo.grpo_mean_only_stationary(
+        lambda pi_ref, r, beta, lam: [beta * p / (lam + ri) for p, ri in zip(pi_ref, r)]))
+
+
+# ---------------------------------------------------------------------------------- 8 UDRRA and Xu 4.1
+def test_8_udrra_scenarios_share_boltzmann_target():
+    assert all_zero(udrra_equivalence.udrra_losses_share_boltzmann_target())
+    assert all_zero(udrra_equivalence.ra_zero_loss_solution())
+    assert all_zero(udrra_equivalence.rda_zero_loss_solution())
+    assert all_zero(udrra_equivalence.dpo_loss_of_boltzmann_is_reward_model_loss())
+
+
+def test_8_udrra_rejects_wrong_claims():
+    ue = udrra_equivalence
+    for wrong in (half_temperature, wrong_sign, reference_only):
+        assert nonzero_somewhere(ue.udrra_losses_share_boltzmann_target(wrong))
+        assert nonzero_somewhere(ue.ra_zero_loss_solution(wrong))
+        assert nonzero_somewhere(ue.rda_zero_loss_solution(wrong))
+        assert nonzero_somewhere(ue.dpo_loss_of_boltzmann_is_reward_model_loss(wrong))
+
+
+def test_8_xu_theorem_4_1_counterexample():
+    assert all_zero(udrra_equivalence.xu_dpo_loss_closed_form())
+    dpo_gap, ppo_gap = udrra_equivalence.xu_theorem_4_1_counterexample()
+    assert dpo_gap == 0                       # (0.1, 0, 0.9) attains inf L_DPO = 0
+    assert nonzero_somewhere(ppo_gap)         # ... but π(y3) = 0.9 while every PPO solution has π(y3) = 0
+
+
+def test_8_xu_counterexample_rejects_wrong_claims():
+    ue = udrra_equivalence
+    assert nonzero_somewhere(ue.xu_dpo_loss_closed_form(lambda a, b, beta: sp.log(1 + (a / b) ** beta)))
+    assert nonzero_somewhere(ue.xu_dpo_loss_closed_form(lambda a, b, beta: sp.log(1 + (b - a) ** beta)))
+    # (0.1, 0.9, 0) is not a DPO solution; (1, 0, 0) is a (limit) PPO solution, so neither is a counter-example
+    dpo_gap, _ = ue.xu_theorem_4_1_counterexample((sp.Rational(1, 10), sp.Rational(9, 10), 0))
+    assert nonzero_somewhere(dpo_gap)
+    _, ppo_gap = ue.xu_theorem_4_1_counterexample((1, 0, 0))
+    assert ppo_gap == 0
+    # with π_ref(y3) > 0 a PPO solution can put mass on y3: the residual is then no longer the constant 0.9
+    _, ppo_gap = ue.xu_theorem_4_1_counterexample(pi_ref=(sp.Rational(1, 3),) * 3)
+    assert ppo_gap.free_symbols
+
+
+# ------------------------------------------------------------------------------------ 9 iterated DPO
+def test_9_iterated_dpo_induction():
+    assert all_zero(iterated_dpo.iterated_dpo_induction())
+
+
+def test_9_iterated_dpo_rejects_wrong_claims():
+    def half(pi0, r, beta, k):
+        return iterated_dpo.iterated_boltzmann(pi0, r, 2 * beta, k)      # right base case, wrong step
+
+    def no_k(pi0, r, beta, k):
+        return iterated_dpo.iterated_boltzmann(pi0, r, beta, 1)          # the reference never moves
+
+    def doubling(pi0, r, beta, k):
+        return iterated_dpo.iterated_boltzmann(pi0, r, beta, 2 ** k - 1)  # right at k = 0 and 1, wrong step
+
+    for wrong in (half, no_k, doubling):
+        assert nonzero_somewhere(iterated_dpo.iterated_dpo_induction(wrong))
+
+
+# -------------------------------------------------------------------------------- 10–11 hinge, SimPO
+def test_10_hinge_zero_loss_set():
+    assert margin_losses.hinge_zero_loss_set() is True
+    assert margin_losses.hinge_zero_loss_set(lambda b: sp.Interval(1 / (2 * b), sp.oo)) is False
+    assert margin_losses.hinge_zero_loss_set(lambda b: sp.Interval.open(1 / b, sp.oo)) is False
+
+
+def test_11_simpo_two_arm_quadratic():
+    assert all_zero(margin_losses.simpo_two_arm_optimum())
+    assert nonzero_somewhere(margin_losses.simpo_two_arm_optimum(
+        lambda z, p, g: (1 - p) / g * z ** 2 - (1 - 2 * p) * z - p / g))
+    assert nonzero_somewhere(margin_losses.simpo_two_arm_optimum(
+        lambda z, p, g: (1 - p) * g * z ** 2 + (1 - 2 * p) * z - p * g))

@@ -1,0 +1,725 @@
+"""Convergence ablations: vary one loss component (or the algorithm) on a bandit testbed and measure what changes.
+
+An experiment is a TOML file (see ``experiments/``)::
+
+    [experiment]
+    name = "kl_placement"              # output folder results/<name>/ by default
+    description = "..."
+    notes = "..."                      # markdown appended to the report (e.g. where a claim differs, and why)
+    base = "ppo"                       # catalog name or .toml path (relative to the experiment file)
+    mode = "exact"                     # exact (population gradients) | sampled (mini-batches)
+    steps = 1500                       # optimiser steps per run (per round for reference resets)
+    seeds = 3
+    optimizer = "adam"                 # rprop | adam | sgd
+    lr = 0.05
+    batch_size = 64                    # sampled mode: pairs / samples per prompt per step
+    log_every = 10
+    epsilon = 0.02                     # steps-to-ε threshold on the TV metrics
+    init = "reference"                 # reference | uniform | random (log π_ref + N(0, init_scale²) per seed)
+                                       # | random_uniform (N(0, init_scale²) logits: mass off π_ref's support)
+    set = { "target.beta" = 1.0 }      # overrides applied to the base and every variant
+    base_set = { }                     # overrides for the base only (the composition tv_base measures against)
+    init_scale = 1.0
+    metrics = ["tv_target", "tv_base", "kl_ref", "reward", "uncovered_mass"]
+
+    [testbed]                          # the bandit (see TESTBEDS)
+    kind = "random"
+    prompts = 3
+    responses = 5
+
+    [[variant]]                        # one composition per variant: the base with dotted overrides,
+    label = "k3 in loss"               # or another algorithm
+    algorithm = "grpo"
+    set = { "target.beta" = 0.5 }
+    testbed = { coverage = 0.5 }       # optional: testbed keys replaced for this variant
+    batch_size = 256                   # optional: sampled-mode batch size for this variant
+
+    [[claim]]                          # a paper's qualitative claim, checked on the measured numbers
+    text = "DPO puts mass on the unobserved response"
+    variant = "DPO"
+    metric = "uncovered_mass"
+    op = ">"                           # > < >= <=
+    value = 0.05                       # or: than = "initial" | "<other variant label>"
+
+Metrics (per logged step, per seed; means over prompts):
+
+- ``tv_target``: total variation to the variant's own derived target (NaN where it has none);
+- ``tv_base``: total variation to the base composition's target (the distribution the ablation is measured
+  against, e.g. DPO's Boltzmann target);
+- ``kl_ref``: KL(π‖π_ref) in nats; ``reward``: E_π[r] under the true reward;
+- ``uncovered_mass``: probability on responses that no pair of μ (or sample of d) covers;
+- ``max_uncovered``: the largest probability on one uncovered response (Xu et al. §4.2's "0.11 → 0.23");
+- ``max_prob``: the largest probability on one response (1 = deterministic);
+- ``loss``: the training loss of the batch that step trained on, i.e. evaluated before that step's update
+  (with vectorised seeds: the mean over the stacked copies).
+
+Outputs in the output directory: ``metrics.csv`` (every logged step), ``summary.csv`` (final values, mean ± std
+over seeds, steps-to-ε), one PNG per metric (mean over seeds with a min–max band) and ``report.md``.
+
+Seeds are vectorised where the runs are independent per prompt (table policy, no batch-level advantage
+normalisation): S seeds of a P-prompt bandit run as one S·P-prompt bandit, with the loss scaled by S so that
+each copy gets exactly the gradient it would get alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .algorithm import Algorithm, load
+from .bandit import Bandit
+from .errors import ConfigError, InputError, TargetError
+from .policy import POLICY_KINDS, MLPPolicy, make_policy
+from .reward_model import fit_reward_model
+from .verify import OPTIMIZERS, total_variation, train
+
+__all__ = ["Experiment", "Variant", "Claim", "load_experiment", "run_experiment", "build_testbed", "METRICS",
+           "TESTBEDS", "ExperimentResult"]
+
+METRICS = ("tv_target", "tv_base", "kl_ref", "reward", "uncovered_mass", "max_uncovered", "max_prob", "loss")
+TESTBEDS = ("random", "table", "xu_synthetic")
+_EXPERIMENT_KEYS = {"name", "description", "notes", "base", "base_set", "set", "mode", "steps", "seeds", "optimizer",
+                    "lr", "batch_size", "log_every", "epsilon", "init", "init_scale", "metrics"}
+_INITS = ("reference", "uniform", "random", "random_uniform")
+_TESTBED_KEYS = {
+    "random": {"kind", "prompts", "responses", "seed", "reward_scale", "ref_concentration", "coverage", "uncovered",
+               "policy", "hidden", "mlp_init_scale", "reward_model", "reward_model_steps",
+               "reward_model_weight_decay", "reward_model_labels"},
+    "table": {"kind", "pi_ref", "reward", "preference", "pairs", "policy", "hidden", "mlp_init_scale",
+              "reward_model", "reward_model_steps", "reward_model_weight_decay", "reward_model_labels"},
+    "xu_synthetic": {"kind", "prompts", "pairs_per_prompt", "seed", "policy", "hidden", "reward_model",
+                     "reward_model_steps", "reward_model_weight_decay", "reward_model_labels", "init_scale"},
+}
+_OPS = {">": lambda a, b: a > b, "<": lambda a, b: a < b, ">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b}
+
+
+@dataclass
+class Variant:
+    """One run configuration: ``label``, the algorithm name/path, dotted overrides (the experiment's ``set``
+    first, then the variant's), ``testbed`` keys that replace the experiment's for this variant, and an optional
+    per-variant ``batch_size``."""
+    label: str
+    algorithm: str
+    overrides: Dict[str, Any]
+    testbed: Dict[str, Any] = field(default_factory=dict)
+    batch_size: Optional[int] = None
+
+
+@dataclass
+class Claim:
+    """A qualitative claim checked on final (or initial) metric values: ``metric(variant) op value|than``."""
+    text: str
+    variant: str
+    metric: str
+    op: str
+    value: Optional[float] = None
+    than: Optional[str] = None
+
+
+@dataclass
+class Experiment:
+    """A parsed experiment file (see the module docstring for every field)."""
+    name: str
+    description: str
+    base: str
+    variants: List[Variant]
+    testbed: Dict[str, Any]
+    base_overrides: Dict[str, Any] = field(default_factory=dict)
+    mode: str = "exact"
+    steps: int = 1000
+    seeds: int = 3
+    optimizer: str = "adam"
+    lr: float = 0.05
+    batch_size: int = 64
+    log_every: int = 10
+    epsilon: float = 0.02
+    init: str = "reference"
+    init_scale: float = 1.0
+    metrics: List[str] = field(default_factory=lambda: ["tv_target", "tv_base", "kl_ref", "reward"])
+    claims: List[Claim] = field(default_factory=list)
+    path: Optional[Path] = None
+    notes: str = ""
+
+
+def _fail(where: str, msg: str):
+    raise ConfigError(f"{where}: {msg}")
+
+
+def load_experiment(path) -> Experiment:
+    """Read and validate an experiment TOML file.
+
+    Raises:
+        ConfigError: missing file, malformed TOML, unknown keys or values (the message names the key and lists
+            what is valid), a variant whose composition does not load, a claim on an unknown variant/metric.
+    """
+    import tomllib
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"experiment file not found: {p}")
+    try:
+        raw = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: malformed TOML: {e}") from None
+    unknown = set(raw) - {"experiment", "testbed", "variant", "claim"}
+    if unknown:
+        _fail(str(p), f"unknown table(s) {sorted(unknown)}; valid: experiment, testbed, variant, claim")
+    ex = dict(raw.get("experiment") or {})
+    bad = set(ex) - _EXPERIMENT_KEYS
+    if bad:
+        _fail(f"{p} [experiment]", f"unknown key(s) {sorted(bad)}; valid: {', '.join(sorted(_EXPERIMENT_KEYS))}")
+    if "base" not in ex:
+        _fail(f"{p} [experiment]", "missing 'base' (a catalog algorithm name or a .toml path)")
+    tb = dict(raw.get("testbed") or {"kind": "random"})
+    kind = tb.get("kind", "random")
+    if kind not in TESTBEDS:
+        _fail(f"{p} [testbed]", f"unknown kind {kind!r}; valid: {', '.join(TESTBEDS)}")
+    bad = set(tb) - _TESTBED_KEYS[kind]
+    if bad:
+        _fail(f"{p} [testbed]", f"unknown key(s) {sorted(bad)} for kind {kind!r}; valid: "
+                                f"{', '.join(sorted(_TESTBED_KEYS[kind]))}")
+    if tb.get("policy", "table") not in POLICY_KINDS:
+        _fail(f"{p} [testbed]", f"unknown policy {tb['policy']!r}; valid: {', '.join(POLICY_KINDS)}")
+    if tb.get("reward_model", "true") not in ("true", "fit"):
+        _fail(f"{p} [testbed]", f"reward_model must be 'true' or 'fit', got {tb['reward_model']!r}")
+
+    def resolve(name: str) -> str:
+        q = Path(name)
+        if q.suffix == ".toml" and not q.is_absolute():
+            return str((p.parent / q).resolve())
+        return name
+
+    base = resolve(str(ex["base"]))
+    common = dict(ex.get("set") or {})
+    base_overrides = {**common, **dict(ex.get("base_set") or {})}
+    try:
+        load(base, base_overrides)
+    except ConfigError as e:
+        _fail(f"{p} [experiment] base", str(e))
+    variants = []
+    for i, v in enumerate(raw.get("variant") or []):
+        vkeys = {"label", "algorithm", "set", "testbed", "batch_size"}
+        vbad = set(v) - vkeys
+        if vbad:
+            _fail(f"{p} [[variant]] #{i + 1}", f"unknown key(s) {sorted(vbad)}; valid: {', '.join(sorted(vkeys))}")
+        algo = resolve(str(v.get("algorithm", ex["base"])))
+        label = str(v.get("label") or algo)
+        vtb = dict(v.get("testbed") or {})
+        tbad = set(vtb) - _TESTBED_KEYS[kind]
+        if tbad:
+            _fail(f"{p} variant {label!r}", f"unknown testbed key(s) {sorted(tbad)} for kind {kind!r}; valid: "
+                                            f"{', '.join(sorted(_TESTBED_KEYS[kind]))}")
+        bs = v.get("batch_size")
+        if bs is not None and (not isinstance(bs, int) or bs < 1):
+            _fail(f"{p} variant {label!r}", f"batch_size must be a positive integer, got {bs!r}")
+        variants.append(Variant(label, algo, {**common, **dict(v.get("set") or {})}, vtb, bs))
+    if not variants:
+        variants = [Variant(Path(base).stem, base, dict(common))]
+    labels = [v.label for v in variants]
+    if len(set(labels)) != len(labels):
+        _fail(str(p), f"variant labels must be unique, got {labels}")
+    for v in variants:  # every composition must load before anything runs
+        try:
+            load(v.algorithm, v.overrides)
+        except ConfigError as e:
+            _fail(f"{p} variant {v.label!r}", str(e))
+    if "metrics" in ex and not isinstance(ex["metrics"], list):
+        _fail(f"{p} [experiment]", f"metrics must be a list such as [\"tv_base\", \"kl_ref\"], got {ex['metrics']!r}; "
+                                   f"valid names: {', '.join(METRICS)}")
+    metrics = list(ex.get("metrics") or ["tv_target", "tv_base", "kl_ref", "reward"])
+    for m in metrics:
+        if m not in METRICS:
+            _fail(f"{p} [experiment] metrics", f"unknown metric {m!r}; valid: {', '.join(METRICS)}")
+    claims = []
+    for i, c in enumerate(raw.get("claim") or []):
+        where = f"{p} [[claim]] #{i + 1}"
+        cbad = set(c) - {"text", "variant", "metric", "op", "value", "than"}
+        if cbad:
+            _fail(where, f"unknown key(s) {sorted(cbad)}; valid: text, variant, metric, op, value, than")
+        if c.get("variant") not in labels:
+            _fail(where, f"variant {c.get('variant')!r} is not one of {labels}")
+        if c.get("metric") not in metrics:
+            _fail(where, f"metric {c.get('metric')!r} is not among the experiment's metrics {metrics}")
+        if c.get("op") not in _OPS:
+            _fail(where, f"op must be one of {list(_OPS)}, got {c.get('op')!r}")
+        if ("value" in c) == ("than" in c):
+            _fail(where, "give exactly one of value (a number) or than ('initial' or a variant label)")
+        if "than" in c and c["than"] != "initial" and c["than"] not in labels:
+            _fail(where, f"than must be 'initial' or one of {labels}, got {c['than']!r}")
+        claims.append(Claim(str(c.get("text", "")), c["variant"], c["metric"], c["op"],
+                            None if "value" not in c else float(c["value"]), c.get("than")))
+    mode = ex.get("mode", "exact")
+    if mode not in ("exact", "sampled"):
+        _fail(f"{p} [experiment]", f"mode must be 'exact' or 'sampled', got {mode!r}")
+    opt = ex.get("optimizer", "adam")
+    if opt not in OPTIMIZERS:
+        _fail(f"{p} [experiment]", f"optimizer must be one of {list(OPTIMIZERS)}, got {opt!r}")
+    init = ex.get("init", "reference")
+    if init not in _INITS:
+        _fail(f"{p} [experiment]", f"init must be one of {', '.join(_INITS)}, got {init!r}")
+    for key in ("steps", "seeds", "batch_size", "log_every"):
+        if key in ex and (isinstance(ex[key], bool) or not isinstance(ex[key], int) or ex[key] < 1):
+            _fail(f"{p} [experiment]", f"{key} must be a positive integer, got {ex[key]!r}")
+    for key in ("lr", "epsilon", "init_scale"):
+        if key in ex and (isinstance(ex[key], bool) or not isinstance(ex[key], (int, float)) or ex[key] < 0):
+            _fail(f"{p} [experiment]", f"{key} must be a non-negative number, got {ex[key]!r}")
+    for where, table in [("[testbed]", tb)] + [(f"variant {v.label!r} testbed", v.testbed) for v in variants]:
+        for key in ("prompts", "responses", "seed", "uncovered", "pairs_per_prompt", "hidden", "reward_model_steps"):
+            if key in table and (isinstance(table[key], bool) or not isinstance(table[key], int)):
+                _fail(f"{p} {where}", f"{key} must be an integer, got {table[key]!r}")
+        for key in ("reward_scale", "ref_concentration", "coverage", "mlp_init_scale", "init_scale",
+                    "reward_model_weight_decay"):
+            if key in table and (isinstance(table[key], bool) or not isinstance(table[key], (int, float))):
+                _fail(f"{p} {where}", f"{key} must be a number, got {table[key]!r}")
+    return Experiment(name=str(ex.get("name") or p.stem), description=str(ex.get("description", "")), base=base,
+                      variants=variants, base_overrides=base_overrides, testbed=tb, mode=mode, steps=int(ex.get("steps", 1000)),
+                      seeds=int(ex.get("seeds", 3)), optimizer=opt, lr=float(ex.get("lr", 0.05)),
+                      batch_size=int(ex.get("batch_size", 64)), log_every=int(ex.get("log_every", 10)),
+                      epsilon=float(ex.get("epsilon", 0.02)), init=init,
+                      init_scale=float(ex.get("init_scale", 1.0)), metrics=metrics, claims=claims, path=p,
+                      notes=str(ex.get("notes", "")))
+
+
+# ------------------------------------------------------------------------------------------------ testbeds
+def _pairs_tensor(P: int, K: int, pairs: Sequence[Sequence[int]], where: str) -> Tensor:
+    mu = torch.zeros(P, K, K, dtype=torch.float64)
+    for item in pairs:
+        if len(item) != 3:
+            raise InputError(f"{where}: each pair is [prompt, y, y'], got {item!r}")
+        x, i, j = (int(v) for v in item)
+        if not (0 <= x < P and 0 <= i < K and 0 <= j < K) or i == j:
+            raise InputError(f"{where}: pair {item!r} out of range for P={P}, K={K} (needs y != y')")
+        mu[x, i, j] += 1.0
+    return mu
+
+
+@dataclass
+class Testbed:
+    """A built testbed: the true bandit (targets, metrics), the bandit the learners see (reward possibly a
+    fitted reward model), the covered-response mask, and how to make each seed's policy."""
+    bandit: Bandit
+    train_bandit: Bandit
+    covered: Tensor
+    policy_kind: str
+    hidden: int
+    base_logits: Optional[Tensor] = None  # xu_synthetic: the MLP's own initial logits define π_ref
+    init_policy: Optional[torch.nn.Module] = None  # xu_synthetic: that MLP (each run trains a copy)
+
+
+def build_testbed(spec: Dict[str, Any], seed: int = 0) -> Testbed:
+    """Build the bandit described by an experiment's ``[testbed]`` table.
+
+    Kinds: ``random`` (:meth:`Bandit.random`; ``coverage`` keeps that fraction of unordered pairs in μ and
+    ``uncovered`` removes the last responses of every prompt from all pairs), ``table`` (explicit ``pi_ref``,
+    ``reward`` and/or ``preference``, and ``pairs`` = [[prompt, y, y'], ...] for μ), ``xu_synthetic`` (Xu et al.
+    2404.10719 §4.2: P prompts × P responses, rewards U(0, 1) off the diagonal and 1.5 on it (the optimal response
+    of prompt x is y = x), ``pairs_per_prompt`` random pairs per prompt that each hold the optimal response,
+    π_ref = a randomly initialised MLP policy; data and MLP are drawn from ``seed`` + the experiment seed).
+    ``reward_model = "fit"`` makes on-policy learners see a Bradley–Terry reward model fitted on the pairs
+    (same policy class) instead of the true reward (``reward_model_labels = "deterministic"``: each pair labelled
+    by its better response, as a dataset holding one comparison per pair is); metrics always use the true reward.
+
+    Raises:
+        InputError: inconsistent shapes or values.
+    """
+    kind = spec.get("kind", "random")
+    policy_kind = spec.get("policy", "table")
+    hidden = int(spec.get("hidden", 64))
+    base_logits = None
+    if kind == "random":
+        P, K = int(spec.get("prompts", 3)), int(spec.get("responses", 5))
+        b = Bandit.random(P, K, seed=int(spec.get("seed", 0)), reward_scale=float(spec.get("reward_scale", 1.0)),
+                          ref_concentration=float(spec.get("ref_concentration", 2.0)))
+        mu = b.pair_distribution.clone()
+        n_unc = int(spec.get("uncovered", 0))
+        if not 0 <= n_unc <= K - 2:
+            raise InputError(f"[testbed] uncovered must be in [0, K-2] = [0, {K - 2}], got {n_unc}")
+        if n_unc:
+            mu[:, K - n_unc:, :] = 0
+            mu[:, :, K - n_unc:] = 0
+        cov = float(spec.get("coverage", 1.0))
+        if not 0 < cov <= 1:
+            raise InputError(f"[testbed] coverage must be in (0, 1], got {cov}")
+        if cov < 1:
+            g = torch.Generator().manual_seed(int(spec.get("seed", 0)) + 1)
+            for x in range(P):
+                live = [(i, j) for i in range(K) for j in range(i + 1, K) if mu[x, i, j] > 0]
+                keep = max(1, round(cov * len(live)))
+                order = torch.randperm(len(live), generator=g)[:keep].tolist()
+                mask = torch.zeros(K, K, dtype=torch.float64)
+                for o in order:
+                    i, j = live[o]
+                    mask[i, j] = mask[j, i] = 1.0
+                mu[x] = mu[x] * mask
+        bandit = Bandit(b.pi_ref, b.reward, b.preference, mu)
+    elif kind == "table":
+        if "pi_ref" not in spec:
+            raise InputError("[testbed] kind 'table' needs pi_ref = [[...], ...]")
+        ref = torch.as_tensor(spec["pi_ref"], dtype=torch.float64)
+        if ref.dim() != 2:
+            raise InputError(f"[testbed] pi_ref must be a (P, K) list of lists, got shape {tuple(ref.shape)}")
+        P, K = ref.shape
+        mu = None if "pairs" not in spec else _pairs_tensor(P, K, spec["pairs"], "[testbed] pairs")
+        bandit = Bandit(ref, spec.get("reward"), spec.get("preference"), mu)
+    else:
+        P = K = int(spec.get("prompts", 8))
+        n_pairs = int(spec.get("pairs_per_prompt", 2))
+        if not 1 <= n_pairs <= K - 1:
+            raise InputError(f"[testbed] pairs_per_prompt must be in [1, {K - 1}], got {n_pairs}")
+        tb_seed = int(spec.get("seed", 0)) + seed  # each experiment seed draws its own data and initial MLP
+        g = torch.Generator().manual_seed(tb_seed)
+        reward = torch.rand(P, K, generator=g, dtype=torch.float64)
+        reward[torch.arange(P), torch.arange(P)] = 1.5  # the optimal response is on the diagonal
+        mu = torch.zeros(P, K, K, dtype=torch.float64)
+        for x in range(P):
+            others = [y for y in torch.randperm(K, generator=g).tolist() if y != x]
+            partners = others[:n_pairs]  # each pair holds the optimal response and one other response
+            for y in partners:
+                mu[x, x, y] = mu[x, y, x] = 1.0
+        init = MLPPolicy(P, K, hidden=hidden, zero_init_output=False, init_scale=float(spec.get("init_scale", 0.1)),
+                         seed=tb_seed)
+        with torch.no_grad():
+            base_logits = init().detach().clone()
+        ref = torch.softmax(base_logits, -1)
+        bandit = Bandit(ref, reward, None, mu)
+        policy_kind = "mlp_from_init"
+    covered = (bandit.pair_distribution + bandit.pair_distribution.transpose(1, 2)).sum(-1) > 0
+    train_bandit = bandit
+    if spec.get("reward_model", "true") == "fit":
+        rm_kind = "table" if policy_kind == "table" else "mlp"
+        labels = spec.get("reward_model_labels", "sampled")
+        if labels not in ("sampled", "deterministic"):
+            raise InputError(f"[testbed] reward_model_labels must be 'sampled' or 'deterministic', got {labels!r}")
+        r_phi = fit_reward_model(bandit, kind=rm_kind, hidden=hidden, steps=int(spec.get("reward_model_steps", 2000)),
+                                 weight_decay=float(spec.get("reward_model_weight_decay", 0.0)),
+                                 deterministic=labels == "deterministic", seed=seed)
+        train_bandit = bandit.with_reward(r_phi)
+    return Testbed(bandit, train_bandit, covered, policy_kind, hidden, base_logits,
+                   init if kind == "xu_synthetic" else None)
+
+
+# ------------------------------------------------------------------------------------------------ running
+def _target_or_none(algo: Algorithm, bandit: Bandit) -> Optional[Tensor]:
+    try:
+        return algo.target_distribution(bandit).double()
+    except TargetError:
+        return None
+
+
+def _metric_fn(bandit: Bandit, covered: Tensor, target: Optional[Tensor], base_target: Optional[Tensor],
+               copies: int):
+    P, K = bandit.shape
+    r = bandit.reward
+    log_ref = bandit.log_pi_ref
+    unc = (~covered).double()
+
+    def fn(probs: Tensor) -> Dict[str, Tensor]:
+        pr = probs.reshape(copies, P, K)
+        out = {}
+        nan = torch.full((copies,), float("nan"), dtype=torch.float64)
+        out["tv_target"] = nan if target is None else total_variation(pr, target).mean(-1)
+        out["tv_base"] = nan if base_target is None else total_variation(pr, base_target).mean(-1)
+        logp = torch.log(pr.clamp_min(1e-300))
+        out["kl_ref"] = torch.where(pr > 0, pr * (logp - log_ref), torch.zeros_like(pr)).sum(-1).mean(-1)
+        out["reward"] = nan if r is None else (pr * r).sum(-1).mean(-1)
+        out["uncovered_mass"] = (pr * unc).sum(-1).mean(-1)
+        out["max_uncovered"] = (pr * unc).amax(-1).amax(-1)
+        out["max_prob"] = pr.amax(-1).mean(-1)
+        return out
+    return fn
+
+
+def _stack(b: Bandit, copies: int) -> Bandit:
+    if copies == 1:
+        return b
+    return Bandit(b.pi_ref.repeat(copies, 1), None if b.reward is None else b.reward.repeat(copies, 1),
+                  b.preference.repeat(copies, 1, 1), b.pair_distribution.repeat(copies, 1, 1),
+                  b.sample_distribution.repeat(copies, 1))
+
+
+def _init_logits(ex: Experiment, tb: Testbed, seed: int) -> Tensor:
+    if tb.base_logits is not None:
+        return tb.base_logits.clone()
+    log_ref = tb.bandit.log_pi_ref
+    if ex.init == "reference":
+        return log_ref.clone()
+    if ex.init == "uniform":
+        return torch.zeros_like(log_ref)
+    g = torch.Generator().manual_seed(10_000 + seed)
+    noise = torch.randn(log_ref.shape, generator=g, dtype=torch.float64) * ex.init_scale
+    return noise if ex.init == "random_uniform" else log_ref + noise
+
+
+@dataclass
+class ExperimentResult:
+    """What :func:`run_experiment` produced: ``rows`` (one dict per logged step × seed × variant), ``summary``
+    (one dict per variant), ``claims`` (dicts with the measured values and ``holds``), ``files`` written."""
+    experiment: Experiment
+    rows: List[Dict[str, Any]]
+    summary: List[Dict[str, Any]]
+    claims: List[Dict[str, Any]]
+    files: List[Path]
+    seconds: float
+
+
+def _run_variant(ex: Experiment, v: Variant, base_algo: Algorithm, progress) -> List[Dict[str, Any]]:
+    algo = load(v.algorithm, v.overrides)
+    rows: List[Dict[str, Any]] = []
+    spec = {**ex.testbed, **v.testbed}
+    vectorise = (spec.get("policy", "table") == "table" and spec.get("kind") != "xu_synthetic"
+                 and algo.components.reward.get("baseline") != "batch_norm"
+                 and spec.get("reward_model", "true") == "true")
+    seed_groups = [list(range(ex.seeds))] if vectorise else [[s] for s in range(ex.seeds)]
+    for seeds in seed_groups:
+        tb = build_testbed(spec, seed=seeds[0])
+        target = _target_or_none(algo, tb.bandit)
+        # the base target lives on the experiment's own testbed: a variant that only removes pairs (partial
+        # coverage) is still measured against the distribution the full-coverage base converges to
+        home = tb if not v.testbed else build_testbed(ex.testbed, seed=seeds[0])
+        base_target = _target_or_none(base_algo, home.bandit if home.bandit.shape == tb.bandit.shape else tb.bandit)
+        S = len(seeds)
+        train_b = _stack(tb.train_bandit, S)
+        init = torch.cat([_init_logits(ex, tb, s) for s in seeds])
+        kind = "mlp" if tb.policy_kind == "mlp_from_init" else tb.policy_kind
+        if tb.policy_kind == "mlp_from_init":
+            policy = copy.deepcopy(tb.init_policy)
+        else:
+            policy = make_policy(kind, init, hidden=tb.hidden, seed=seeds[0],
+                                 output_init_scale=float(spec.get("mlp_init_scale", 0.0)))
+        fn = _metric_fn(tb.bandit, tb.covered, target, base_target, S)
+        records: List[Dict[str, Any]] = []
+
+        def metrics(probs, fn=fn, records=records):
+            records.append({k: val.clone() for k, val in fn(probs).items()})
+            return {}
+        with torch.no_grad():
+            records.append({k: val.clone() for k, val in fn(torch.softmax(policy(), -1)).items()})  # step 0
+        _, _, hist = train(algo, train_b, exact=ex.mode == "exact", steps=ex.steps, seed=seeds[0], lr=ex.lr,
+                           batch_size=v.batch_size or ex.batch_size, policy=policy, optimizer=ex.optimizer, lr_decay=False,
+                           average=False, early_stop=False, metrics=metrics, log_every=ex.log_every,
+                           loss_scale=float(S))
+        steps = [0] + [h["step"] for h in hist]
+        records[0]["loss"] = torch.full((S,), float("nan"), dtype=torch.float64)
+        for rec, h in zip(records[1:], hist):  # the loss is of the stacked batch: the same for every copy only
+            rec["loss"] = torch.full((S,), h["loss"], dtype=torch.float64)  # when S = 1 (else the mean)
+        for rec, step in zip(records, steps):
+            for si, s in enumerate(seeds):
+                row = {"variant": v.label, "seed": s, "step": step}
+                row.update({m: float(rec[m][si]) for m in ex.metrics})
+                rows.append(row)
+        progress.update(S)
+    return rows
+
+
+def _steps_to(rows: List[Dict[str, Any]], metric: str, eps: float) -> float:
+    for r in rows:
+        if r[metric] == r[metric] and r[metric] < eps:
+            return float(r["step"])
+    return float("nan")
+
+
+def _summarise(ex: Experiment, rows: List[Dict[str, Any]], variants: List[Variant]) -> List[Dict[str, Any]]:
+    out = []
+    for v in variants:
+        vr = [r for r in rows if r["variant"] == v.label]
+        algo = load(v.algorithm, v.overrides)
+        rec: Dict[str, Any] = {"variant": v.label, "composition": algo.summary()}
+        for m in ex.metrics:
+            finals, firsts, hits = [], [], []
+            for s in range(ex.seeds):
+                sr = [r for r in vr if r["seed"] == s]
+                if not sr:
+                    continue
+                firsts.append(sr[0][m])
+                finals.append(sr[-1][m])
+                if m.startswith("tv_"):
+                    hits.append(_steps_to(sr, m, ex.epsilon))
+            t = torch.tensor(finals, dtype=torch.float64)
+            rec[f"{m}_initial"] = float(torch.tensor(firsts, dtype=torch.float64).mean())
+            rec[f"{m}_final"] = float(t.mean())
+            rec[f"{m}_final_std"] = float(t.std()) if len(finals) > 1 else 0.0
+            if hits:
+                ht = torch.tensor(hits, dtype=torch.float64)
+                rec[f"steps_to_eps_{m}"] = float("nan") if torch.isnan(ht).any() else float(ht.quantile(0.5))
+        out.append(rec)
+    return out
+
+
+def _check_claims(ex: Experiment, summary: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    by = {s["variant"]: s for s in summary}
+    out = []
+    for c in ex.claims:
+        got = by[c.variant][f"{c.metric}_final"]
+        if c.than == "initial":
+            ref, what = by[c.variant][f"{c.metric}_initial"], "its initial value"
+        elif c.than is not None:
+            ref, what = by[c.than][f"{c.metric}_final"], f"{c.than}"
+        else:
+            ref, what = c.value, f"{c.value:g}"
+        holds = bool(got == got and ref == ref and _OPS[c.op](got, ref))
+        out.append({"text": c.text, "variant": c.variant, "metric": c.metric, "op": c.op, "measured": got,
+                    "reference": ref, "against": what, "holds": holds})
+    return out
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, float):
+        if math.isnan(x):
+            return "—"
+        return f"{x:.4g}" if abs(x) < 1e4 else f"{x:.0f}"
+    return str(x)
+
+
+def _write(ex: Experiment, rows, summary, claims, out_dir: Path, seconds: float) -> List[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    mpath = out_dir / "metrics.csv"
+    with open(mpath, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["variant", "seed", "step"] + ex.metrics)
+        w.writeheader()
+        w.writerows(rows)
+    files.append(mpath)
+    spath = out_dir / "summary.csv"
+    keys = list(summary[0].keys())
+    for s in summary[1:]:
+        keys += [k for k in s if k not in keys]
+    with open(spath, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(summary)
+    files.append(spath)
+    labels = {"tv_target": "TV to own target", "tv_base": "TV to base target", "kl_ref": "KL(π‖π_ref) (nats)",
+              "reward": "E_π[r]", "uncovered_mass": "mass on uncovered responses",
+              "max_uncovered": "max prob. of one uncovered response", "max_prob": "max_y π(y)",
+              "loss": "training loss"}
+    figs = []
+    many = len(ex.variants) > 6
+    colours = plt.cm.tab20.colors if len(ex.variants) > 10 else plt.cm.tab10.colors
+    for m in ex.metrics:
+        fig, ax = plt.subplots(figsize=(9.0 if many else 6.4, 4.0))
+        drew = False
+        for i, v in enumerate(ex.variants):
+            vr = [r for r in rows if r["variant"] == v.label]
+            steps = sorted({r["step"] for r in vr})
+            vals = torch.tensor([[r[m] for r in vr if r["step"] == st] for st in steps], dtype=torch.float64)
+            if torch.isnan(vals).all():
+                continue
+            mean = vals.nanmean(1) if hasattr(vals, "nanmean") else vals.mean(1)
+            c = colours[i % len(colours)]
+            ax.plot(steps, mean.numpy(), label=v.label, color=c, ls=("-", "--", ":")[(i // len(colours)) % 3])
+            ax.fill_between(steps, vals.min(1).values.numpy(), vals.max(1).values.numpy(), alpha=0.15, color=c)
+            drew = True
+        if not drew:
+            plt.close(fig)
+            continue
+        if m.startswith("tv_") or m == "kl_ref":
+            finite = [r[m] for r in rows if r[m] == r[m] and r[m] > 0]
+            if finite and max(finite) / max(min(finite), 1e-300) > 100:
+                ax.set_yscale("log")
+        if m.startswith("tv_"):
+            ax.axhline(ex.epsilon, color="grey", lw=0.8, ls="--", label=f"ε = {ex.epsilon:g}")
+        ax.set_xlabel("optimiser step")
+        ax.set_ylabel(labels[m])
+        ax.set_title(f"{ex.name}: {labels[m]}", fontsize=10)
+        if many:
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        else:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fpath = out_dir / f"{m}.png"
+        fig.savefig(fpath, dpi=110)
+        plt.close(fig)
+        files.append(fpath)
+        figs.append((m, fpath.name))
+    lines = [f"# {ex.name}", ""]
+    if ex.description:
+        lines += [ex.description, ""]
+    tb = ", ".join(f"{k} = {v}" for k, v in ex.testbed.items() if k not in ("pi_ref", "reward", "preference",
+                                                                           "pairs"))
+    lines += [f"- testbed: {tb}"]
+    for k in ("pi_ref", "reward", "pairs"):
+        if k in ex.testbed:
+            lines.append(f"- {k}: `{ex.testbed[k]}`")
+    lines += [f"- base: `{ex.base}`; mode {ex.mode}; {ex.optimizer} lr {ex.lr:g}; {ex.steps} steps; "
+              f"{ex.seeds} seeds; init {ex.init}" + (f" (scale {ex.init_scale:g})" if ex.init == "random" else ""),
+              f"- ran in {seconds:.1f} s (1 torch thread)", "",
+              "## Variants", "", "| variant | composition |", "|---|---|"]
+    lines += [f"| {s['variant']} | {s['composition']} |" for s in summary]
+    lines += ["", "## Final values (mean over seeds; ± std)", ""]
+    cols = list(ex.metrics)
+    tvs = [m for m in cols if m.startswith("tv_")]
+    head = ["variant"] + cols + [f"steps to ε ({m})" for m in tvs]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summary:
+        vals = [f"{_fmt(s[f'{m}_final'])} ± {_fmt(s[f'{m}_final_std'])}" for m in cols]
+        hits = [_fmt(s.get(f"steps_to_eps_{m}", float("nan"))) for m in tvs]
+        lines.append("| " + " | ".join([s["variant"]] + vals + hits) + " |")
+    if tvs:
+        lines += ["", f"Steps to ε: first logged step with the TV below ε = {ex.epsilon:g} (median over seeds; — = "
+                  "not reached, or no such target)."]
+    if claims:
+        lines += ["", "## Claims checked", "", "| claim | measured | against | holds |", "|---|---|---|---|"]
+        for c in claims:
+            lines.append(f"| {c['text']} ({c['variant']}: {c['metric']} {c['op']} …) | {_fmt(c['measured'])} | "
+                         f"{c['against']} = {_fmt(c['reference'])} | {'yes' if c['holds'] else '**no**'} |")
+    if ex.notes:
+        lines += ["", "## Notes", "", ex.notes.strip()]
+    if figs:
+        lines += ["", "## Figures", ""]
+        lines += [f"![{m}]({name})" for m, name in figs]
+    rpath = out_dir / "report.md"
+    rpath.write_text("\n".join(lines) + "\n")
+    files.append(rpath)
+    return files
+
+
+def run_experiment(ex: Experiment, out_dir=None, *, progress: bool = True, steps: Optional[int] = None,
+                   seeds: Optional[int] = None) -> ExperimentResult:
+    """Run every variant × seed of an experiment and write CSV, PNG figures and ``report.md``.
+
+    Args:
+        ex: from :func:`load_experiment`.
+        out_dir: output folder (default ``results/<name>``).
+        progress: show a tqdm progress bar over runs (variant × seed).
+        steps, seeds: override the file's values (quick runs).
+    Returns:
+        :class:`ExperimentResult`.
+    Raises:
+        InputError: a testbed the experiment cannot build; errors from training are raised unchanged after the
+            runs finished so far are kept in memory (nothing is written for a failed experiment).
+    """
+    from tqdm.auto import tqdm
+    ex = copy.copy(ex)  # quick-run overrides do not change the caller's experiment
+    if steps is not None:
+        ex.steps = int(steps)
+    if seeds is not None:
+        ex.seeds = int(seeds)
+    out = Path(out_dir) if out_dir is not None else Path("results") / ex.name
+    base_algo = load(ex.base, ex.base_overrides)
+    t0 = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # bandit tensors are tiny: one thread avoids OpenMP overhead on every op
+    rows: List[Dict[str, Any]] = []
+    try:
+        with tqdm(total=len(ex.variants) * ex.seeds, desc=ex.name, unit="run", disable=not progress) as bar:
+            for v in ex.variants:
+                bar.set_postfix_str(v.label)
+                rows += _run_variant(ex, v, base_algo, bar)
+    finally:
+        torch.set_num_threads(threads)
+    seconds = time.perf_counter() - t0
+    summary = _summarise(ex, rows, ex.variants)
+    claims = _check_claims(ex, summary)
+    files = _write(ex, rows, summary, claims, out, seconds)
+    return ExperimentResult(ex, rows, summary, claims, files, seconds)

@@ -1,0 +1,135 @@
+"""Which symbolic proof (the repository's top-level ``proofs/`` directory, sympy) establishes a composition's target.
+
+:func:`proofs_for` decides from the components and the derived target — never from the algorithm's name — and
+returns ``(node id, one-line claim)`` pairs; ``udrra show`` prints them as ``proof:`` lines. The proofs are
+not part of the installed package (run them from a checkout: ``python -m pytest proofs``); this module only
+names them, so it imports nothing from ``proofs/``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+#: key -> (node id, one-line claim)
+PROOFS: Dict[str, Tuple[str, str]] = {
+    "kl_optimum": ("proofs/kl_regularised.py::kl_optimum_stationary",
+                   "max_π E_π[r] − β·KL(π‖π_ref) is attained at π_ref·exp(r/β)/Z (DPO Eq. 4)"),
+    "kl_gibbs": ("proofs/kl_regularised.py::kl_objective_gibbs_identity",
+                 "E_π[r] − β·KL(π‖π_ref) = β·log Z − β·KL(π‖π*): π* unique, value β·log Z"),
+    "dpo_stationary": ("proofs/dpo.py::dpo_stationary_at_boltzmann",
+                       "population DPO loss (Bradley–Terry labels, full-support μ) is stationary at π_ref·exp(r/β)/Z"),
+    "dpo_pg": ("proofs/policy_gradient.py::dpo_gradient_is_weighted_policy_gradient",
+               "∇ℓ_DPO = −β·σ(r̂_l − r̂_w)·(∇log π(y_w) − ∇log π(y_l)) (DeepSeekMath Eq. 14)"),
+    "baseline": ("proofs/policy_gradient.py::score_function_baseline_invariance",
+                 "a response-independent baseline leaves the policy gradient E_π[(R − b)·∇log π] = ∇E_π[R]"),
+    "ipo": ("proofs/ipo.py::ipo_stationary_at_psi_target",
+            "population IPO loss is stationary at h* = (p(y≻μ) − p(y'≻μ))/τ, π ∝ π_ref·exp(p(y≻μ)/τ) (Azar §5)"),
+    "ipo_two_arm": ("proofs/ipo.py::ipo_two_arm_example",
+                    "two arms, p(y1≻y2) = 1, uniform π_ref and μ: π*(y1) = σ(0.5/τ) (Azar §5.3.1)"),
+    "cdpo": ("proofs/label_noise.py::cdpo_deterministic_margin",
+             "cDPO on a deterministic pair: β·h* = log((1 − ε)/ε), finite (Mitchell's note)"),
+    "cdpo_freq": ("proofs/label_noise.py::cdpo_margin_with_label_frequency",
+                  "cDPO with label frequency p: β·h* = logit(p(1 − ε) + (1 − p)ε) (DPO on smoothed labels)"),
+    "rdpo": ("proofs/label_noise.py::rdpo_unbiased",
+             "E over label flips (rate ε) of the rDPO loss = the clean DPO loss (Chowdhury et al. 2403.00409)"),
+    "rdpo_label": ("proofs/label_noise.py::rdpo_effective_label",
+                   "rDPO on observed label frequency q̃ = logistic loss with the de-noised label (q̃ − ε)/(1 − 2ε)"),
+    "k1_loss": ("proofs/kl_estimators.py::k1_loss_zero_expected_gradient",
+                "k1 = log(π/π_ref) differentiated as a loss has zero expected gradient: no regularisation"),
+    "k2_loss": ("proofs/kl_estimators.py::k2_loss_gradient_is_reverse_kl",
+                "k2 = ½·log²(π/π_ref) as a loss has expected gradient ∇KL(π‖π_ref)"),
+    "k3_loss": ("proofs/kl_estimators.py::k3_loss_gradient_is_forward_kl",
+                "k3 as a loss has expected gradient ∇KL(π_ref‖π), the forward KL (Tang & Munos 2506.09477)"),
+    "k1_reward": ("proofs/kl_estimators.py::k1_in_reward_gradient_is_reverse_kl",
+                  "k1 in the reward: E_π[(r − β·k1)·∇log π] = ∇(E_π[r] − β·KL(π‖π_ref))"),
+    "grpo_gc": ("proofs/grpo.py::grpo_gradient_coefficient_is_eq21",
+                "GRPO's loss gives the gradient coefficient Â + β·(π_ref/π − 1) (DeepSeekMath Eq. 21)"),
+    "grpo": ("proofs/grpo.py::grpo_fixed_point_stationary",
+             "GRPO (k3 in loss, group-normalised, on-policy, G → ∞) is stationary at π_ref/(1 − (r − r̄)/(β·σ))"),
+    "grpo_objective": ("proofs/grpo.py::grpo_objective_stationary",
+                       "that point is stationary for E_π[(r − r̄)/σ] − β·KL(π_ref‖π), the objective GRPO follows"),
+    "grpo_norm": ("proofs/grpo.py::grpo_fixed_point_normalisation",
+                  "the fixed point sums to 1 iff r̄ = E_π[r] (σ = Std_π[r] is a separate scalar equation)"),
+    "grpo_mean_only": ("proofs/grpo.py::grpo_mean_only_stationary",
+                       "k3 in the loss without std division: stationary at β·π_ref/(λ − r), λ normalising"),
+    "udrra": ("proofs/udrra_equivalence.py::udrra_losses_share_boltzmann_target",
+              "UDRRA RA, RDA and PRA (DPO) losses are all minimised at π_ref·exp(r/β)/Z"),
+    "ra_unique": ("proofs/udrra_equivalence.py::ra_zero_loss_solution",
+                  "zero RA loss (full-support samples) forces π = π_ref·exp(r/β)/Z"),
+    "rda_unique": ("proofs/udrra_equivalence.py::rda_zero_loss_solution",
+                   "zero RDA loss (full-support samples) forces π = π_ref·exp(r/β)/Z (log Z cancels)"),
+    "xu": ("proofs/udrra_equivalence.py::xu_theorem_4_1_counterexample",
+           "Xu et al. Thm 4.1 / Table 1: without coverage a DPO minimiser can be no PPO solution"),
+    "iterated": ("proofs/iterated_dpo.py::iterated_dpo_induction",
+                 "DPO with the reference reset each round: π_k ∝ π_0·exp(k·r/β) (induction on k)"),
+    "hinge": ("proofs/margin_losses.py::hinge_zero_loss_set",
+              "hinge loss max(0, 1 − β·h) is zero exactly on h ≥ 1/β: any such margin is optimal"),
+    "simpo": ("proofs/margin_losses.py::simpo_two_arm_optimum",
+              "SimPO, two single-token arms, margin γ: e^{u*} solves (1−p)e^{−γ}z² + (1−2p)z − p·e^{−γ} = 0"),
+}
+
+
+def _keys(algorithm) -> Tuple[List[str], Optional[str]]:
+    t, s, rw, ref = algorithm.components
+    derived = algorithm.derived_target()
+    update = ref.get("update", "frozen")
+    if update == "ema":
+        return [], "the EMA reference follows the policy; the argmax limit is not proven symbolically"
+    keys: List[str] = []
+    if rw.kind == "preference":
+        link = rw["link"]
+        if link == "hinge":
+            keys = ["hinge"]
+        elif link == "squared":
+            keys = ["ipo", "ipo_two_arm"]
+        elif link == "forward_kl":
+            return [], "f-DPO's forward-KL link β·π_ref/(λ − r̂) has no symbolic proof here"
+        elif ref.kind == "none":
+            keys = ["simpo"]
+        elif link == "smoothed_logsigmoid":
+            keys = ["cdpo", "cdpo_freq", "dpo_stationary"]
+        elif link == "robust":
+            keys = ["rdpo", "rdpo_label", "dpo_stationary"]
+        else:
+            keys = ["dpo_stationary", "dpo_pg"] + (["xu"] if s.kind == "offline_pairs" else [])
+        if derived.kind == "iterated" or update == "reset_every":
+            keys = ["iterated"] + keys
+        return keys, None
+    if rw.kind == "reward_regression":
+        return ["udrra", "ra_unique", "kl_optimum"], None
+    if rw.kind == "reward_difference":
+        return ["udrra", "rda_unique", "kl_optimum"], None
+    # explicit reward: the reference term decides the regulariser
+    baseline = rw.get("baseline") or "none"
+    normalised = baseline in ("group_norm", "batch_norm")
+    extra = ["baseline"] if baseline != "none" else []
+    if ref.kind == "kl_in_reward":
+        return ["kl_optimum", "kl_gibbs", "k1_reward"] + extra, None
+    if ref.kind == "kl_in_loss" and float(t["beta"]) > 0:
+        est = ref.get("estimator")
+        if est == "k1":
+            return ["k1_loss"], None
+        if est == "k2":
+            return ["k2_loss", "kl_optimum"] + extra, None
+        if normalised:
+            return ["k3_loss", "grpo", "grpo_objective", "grpo_norm"], None
+        return ["k3_loss", "grpo_mean_only"] + extra, None
+    return [], "unregularised: the target is argmax r, nothing to prove beyond it"
+
+
+def proofs_for(algorithm) -> List[Tuple[str, str]]:
+    """The symbolic proofs of ``algorithm``'s derived target.
+
+    Args:
+        algorithm: a :class:`udrra.Algorithm`.
+    Returns:
+        ``[(node id, claim)]``, node ids like ``proofs/grpo.py::grpo_fixed_point_stationary`` (a function in the
+        repository's ``proofs/`` directory); empty when no proof covers the composition (see :func:`why_none`).
+    """
+    return [PROOFS[k] for k in _keys(algorithm)[0]]
+
+
+def why_none(algorithm) -> Optional[str]:
+    """Why :func:`proofs_for` is empty for ``algorithm`` (``None`` when it is not)."""
+    keys, reason = _keys(algorithm)
+    return None if keys else (reason or "no symbolic proof covers this composition")
