@@ -365,7 +365,7 @@ def test_xu_synthetic_testbed_structure():
     off_diag_partner = (mu[torch.arange(4), torch.arange(4)] > 0).sum(-1)
     assert off_diag_partner.tolist() == [2, 2, 2, 2]
     assert torch.allclose(torch.softmax(tb.base_logits, -1), tb.bandit.pi_ref, atol=1e-15)
-    assert tb.policy_kind == "mlp_from_init"
+    assert tb.policy_kind == "mlp" and isinstance(tb.init_policy, torch.nn.Module)
 
 
 def test_xu_synthetic_run_starts_at_the_reference_mlp(tmp_path):

@@ -310,8 +310,15 @@ class Testbed:
     covered: Tensor
     policy_kind: str
     hidden: int
-    base_logits: Optional[Tensor] = None  # xu_synthetic: the MLP's own initial logits define π_ref
-    init_policy: Optional[torch.nn.Module] = None  # xu_synthetic: that MLP (each run trains a copy)
+    init_policy: Optional[torch.nn.Module] = None  # xu_synthetic: the MLP whose initial output is π_ref
+
+    @property
+    def base_logits(self) -> Optional[Tensor]:
+        """xu_synthetic: the initial MLP's ``(P, K)`` logits (softmax = π_ref); ``None`` for other testbeds."""
+        if self.init_policy is None:
+            return None
+        with torch.no_grad():
+            return self.init_policy().detach().clone()
 
 
 def build_testbed(spec: Dict[str, Any], seed: int = 0) -> Testbed:
@@ -333,7 +340,7 @@ def build_testbed(spec: Dict[str, Any], seed: int = 0) -> Testbed:
     kind = spec.get("kind", "random")
     policy_kind = spec.get("policy", "table")
     hidden = int(spec.get("hidden", 64))
-    base_logits = None
+    init = None
     if kind == "random":
         P, K = int(spec.get("prompts", 3)), int(spec.get("responses", 5))
         b = Bandit.random(P, K, seed=int(spec.get("seed", 0)), reward_scale=float(spec.get("reward_scale", 1.0)),
@@ -387,10 +394,9 @@ def build_testbed(spec: Dict[str, Any], seed: int = 0) -> Testbed:
         init = MLPPolicy(P, K, hidden=hidden, zero_init_output=False, init_scale=float(spec.get("init_scale", 0.1)),
                          seed=tb_seed)
         with torch.no_grad():
-            base_logits = init().detach().clone()
-        ref = torch.softmax(base_logits, -1)
+            ref = torch.softmax(init(), -1)
         bandit = Bandit(ref, reward, None, mu)
-        policy_kind = "mlp_from_init"
+        policy_kind = "mlp"
     covered = (bandit.pair_distribution + bandit.pair_distribution.transpose(1, 2)).sum(-1) > 0
     train_bandit = bandit
     if spec.get("reward_model", "true") == "fit":
@@ -402,8 +408,7 @@ def build_testbed(spec: Dict[str, Any], seed: int = 0) -> Testbed:
                                  weight_decay=float(spec.get("reward_model_weight_decay", 0.0)),
                                  deterministic=labels == "deterministic", seed=seed)
         train_bandit = bandit.with_reward(r_phi)
-    return Testbed(bandit, train_bandit, covered, policy_kind, hidden, base_logits,
-                   init if kind == "xu_synthetic" else None)
+    return Testbed(bandit, train_bandit, covered, policy_kind, hidden, init)
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -437,17 +442,7 @@ def _metric_fn(bandit: Bandit, covered: Tensor, target: Optional[Tensor], base_t
     return fn
 
 
-def _stack(b: Bandit, copies: int) -> Bandit:
-    if copies == 1:
-        return b
-    return Bandit(b.pi_ref.repeat(copies, 1), None if b.reward is None else b.reward.repeat(copies, 1),
-                  b.preference.repeat(copies, 1, 1), b.pair_distribution.repeat(copies, 1, 1),
-                  b.sample_distribution.repeat(copies, 1))
-
-
 def _init_logits(ex: Experiment, tb: Testbed, seed: int) -> Tensor:
-    if tb.base_logits is not None:
-        return tb.base_logits.clone()
     log_ref = tb.bandit.log_pi_ref
     if ex.init == "reference":
         return log_ref.clone()
@@ -486,13 +481,13 @@ def _run_variant(ex: Experiment, v: Variant, base_algo: Algorithm, progress) -> 
         home = tb if not v.testbed else build_testbed(ex.testbed, seed=seeds[0])
         base_target = _target_or_none(base_algo, home.bandit if home.bandit.shape == tb.bandit.shape else tb.bandit)
         S = len(seeds)
-        train_b = _stack(tb.train_bandit, S)
-        init = torch.cat([_init_logits(ex, tb, s) for s in seeds])
-        kind = "mlp" if tb.policy_kind == "mlp_from_init" else tb.policy_kind
-        if tb.policy_kind == "mlp_from_init":
+        # S seeds stacked as S copies of the prompts (Bandit.subset with repeated indices)
+        train_b = tb.train_bandit.subset(list(range(tb.bandit.shape[0])) * S)
+        if tb.init_policy is not None:
             policy = copy.deepcopy(tb.init_policy)
         else:
-            policy = make_policy(kind, init, hidden=tb.hidden, seed=seeds[0],
+            init = torch.cat([_init_logits(ex, tb, s) for s in seeds])
+            policy = make_policy(tb.policy_kind, init, hidden=tb.hidden, seed=seeds[0],
                                  output_init_scale=float(spec.get("mlp_init_scale", 0.0)))
         fn = _metric_fn(tb.bandit, tb.covered, target, base_target, S)
         records: List[Dict[str, Any]] = []

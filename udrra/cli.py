@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Dict, List, Optional
 
 from .errors import UdrraError
@@ -94,7 +95,7 @@ def cmd_ablate(args) -> int:
     if args.output_dir and len(experiments) > 1:
         raise UdrraError("--output-dir takes one experiment file (each experiment writes its own folder)")
     for ex in experiments:
-        out = args.output_dir or str(__import__("pathlib").Path(args.results) / ex.name)
+        out = args.output_dir or str(Path(args.results) / ex.name)
         res = run_experiment(ex, out, progress=not args.no_progress, steps=args.steps, seeds=args.seeds)
         print(f"{ex.name}: {len(ex.variants)} variants × {ex.seeds} seeds in {res.seconds:.1f} s -> {out}/")
         for s in res.summary:
