@@ -15,3 +15,15 @@ def verify_catalog():
 def test_verify_all_exact(benchmark):
     results = benchmark.pedantic(verify_catalog, rounds=3, iterations=1)
     assert all(r.passed for r in results)
+
+
+def verify_catalog_on_sequences():
+    from udrra.cli import DEFAULT_MAX_LEN, DEFAULT_SEQ_P, DEFAULT_VOCAB
+    sb = udrra.SequenceBandit.random(P=DEFAULT_SEQ_P, vocab=DEFAULT_VOCAB, max_len=DEFAULT_MAX_LEN, seed=0)
+    return [udrra.verify(udrra.load(name), sb) for name in udrra.catalog_names()]
+
+
+def test_verify_all_sequence_testbed(benchmark):
+    """`udrra verify --all --testbed sequence`. Goal (issue 8): under 60 s on 2 CPU cores."""
+    results = benchmark.pedantic(verify_catalog_on_sequences, rounds=3, iterations=1)
+    assert all(r.passed for r in results)

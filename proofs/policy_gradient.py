@@ -68,3 +68,18 @@ def score_function_baseline_invariance(baseline: Optional[Callable] = None) -> L
         g = sp.Add(*[pi[y] * (R[y] - b(R, y)) * sp.diff(logpi[y], t) for y in range(K)])
         out.append(sp.simplify(g - sp.diff(target, t)))
     return out
+
+
+def unregularised_gradient_is_mass_times_advantage(claim: Optional[Callable] = None) -> List[sp.Expr]:
+    """Claim: without a KL term, ∂E_π[r]/∂θ_y = π(y)·(r(y) − E_π[r]) for a softmax policy (K = 3).
+
+    ``claim(pi, r, y) -> expression`` (default π_y·(r_y − Σ π r)). Returns the residual per logit. Consequence
+    (no regulariser: DAPO, k1 in the loss, β = 0): the gradient vanishes only where every response with π(y) > 0
+    has r(y) = E_π[r], so with distinct rewards the only stationary points are the vertices, and the only one
+    that gradient ascent does not leave is the argmax vertex: the target is argmax r.
+    """
+    theta, pi, _ = softmax_policy()
+    r = real_symbols("r")
+    mean = sp.Add(*[pi[y] * r[y] for y in range(K)])
+    claim = claim or (lambda pi, r, y: pi[y] * (r[y] - mean))
+    return [sp.simplify(sp.diff(mean, theta[y]) - claim(pi, r, y)) for y in range(K)]

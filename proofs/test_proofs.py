@@ -115,6 +115,9 @@ def test_5_policy_gradient_rejects_wrong_claims():
     assert nonzero_somewhere(pg(lambda w, l: sp.Integer(1)))                       # unweighted
     # a baseline that depends on the sampled response biases the gradient
     assert nonzero_somewhere(policy_gradient.score_function_baseline_invariance(lambda R, y: R[y] / 2))
+    assert all_zero(policy_gradient.unregularised_gradient_is_mass_times_advantage())
+    assert nonzero_somewhere(policy_gradient.unregularised_gradient_is_mass_times_advantage(
+        lambda pi, r, y: r[y] - sum(p * q for p, q in zip(pi, r))))              # forgets the π_y factor
 
 
 # ------------------------------------------------------------------------------------- 6 KL estimators

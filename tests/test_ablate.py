@@ -628,3 +628,141 @@ def test_booleans_and_strings_where_lists_or_counts_belong_are_config_errors(tmp
     assert old in text
     with pytest.raises(ConfigError, match=needle):
         load_experiment(write(tmp_path, text.replace(old, new)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The sequence testbed: [testbed] kind = "sequence" (udrra.SequenceBandit), metrics over whole responses
+# ---------------------------------------------------------------------------------------------------------------
+SEQ = """
+[experiment]
+base = "grpo"
+set = {{ "target.beta" = 0.5 }}
+mode = "{mode}"
+steps = {steps}
+seeds = {seeds}
+lr = 0.05
+batch_size = 32
+log_every = 4
+metrics = ["tv_target", "tv_base", "tv_limit", "kl_ref", "reward", "max_prob", "loss", "mean_length"]
+{exp}
+[testbed]
+kind = "sequence"
+prompts = 2
+vocab = 3
+max_len = 3
+{tb}
+[[variant]]
+label = "grpo"
+[[variant]]
+label = "ppo"
+algorithm = "ppo"
+set = {{ "reward.lam" = 0.0 }}
+{tail}
+"""
+
+
+def seq(mode="sampled", steps=10, seeds=2, exp="", tb="", tail=""):
+    return SEQ.format(mode=mode, steps=steps, seeds=seeds, exp=exp, tb=tb, tail=tail)
+
+
+@pytest.mark.parametrize("name,overrides,exact,steps", [
+    ("grpo", {"target.beta": 0.5}, False, 9),
+    ("ppo", {"reward.lam": 0.9}, False, 9),                          # a critic, PPO epochs, whitening
+    ("dpo_iter", {"reference.rounds": 2, "reference.every": 5}, True, 10),  # pairs, reference resets
+])
+def test_sequence_runs_follow_verify_train_exactly(name, overrides, exact, steps):
+    # ablate trains through the producer and loop of udrra.verify.train on a SequenceBandit (which takes no metrics
+    # callback): with the same settings the trajectory, and so the final policy, must be the same
+    from udrra.ablate import _sequence_init_logits, _train_sequence_logged
+    algo = udrra.load(name, overrides)
+    sb = udrra.SequenceBandit.random(2, 3, 3, seed=1)
+
+    class Ex:                                    # the init helper reads only these two fields of an Experiment
+        init, init_scale = "random", 0.3
+    start = _sequence_init_logits(Ex, sb, seed=4)
+    seen = []
+    hist = _train_sequence_logged(algo, sb, exact=exact, steps=steps, seed=3, lr=0.05, batch_size=16, start=start,
+                                  optimizer="adam", log_every=4, metrics=lambda pr: seen.append(pr) or {})
+    ref, taken, ref_hist = train(algo, sb, exact=exact, steps=steps, seed=3, lr=0.05, batch_size=16,
+                                 init_logits=start - sb.log_ref_logits, optimizer="adam", lr_decay=False,
+                                 average=False, early_stop=False, log_every=4)
+    assert torch.allclose(seen[-1], ref, atol=1e-12, rtol=0)
+    assert [h["step"] for h in hist] == [h["step"] for h in ref_hist]
+    assert [h["loss"] for h in hist] == pytest.approx([h["loss"] for h in ref_hist], abs=1e-12)
+
+
+def test_sequence_experiment_metrics_targets_and_report(tmp_path):
+    from udrra.sequence import sequence_target
+    ex = load_experiment(write(tmp_path, seq(tb='reward_center = "length"')))
+    res = run_experiment(ex, tmp_path / "out", progress=False)
+    sb = build_testbed(ex.testbed).bandit
+    assert isinstance(sb, udrra.SequenceBandit) and sb.shape == (2, 15)
+    rows = res.rows
+    # seeds one by one: a step-0 row and the logged steps 1, 5, 9, 10 per seed and variant
+    assert [r["step"] for r in rows if r["variant"] == "grpo" and r["seed"] == 1] == [0, 1, 5, 9, 10]
+    first = [r for r in rows if r["step"] == 0 and r["variant"] == "grpo"][0]
+    grpo_t = sequence_target(udrra.load("grpo", {"target.beta": 0.5}), sb)
+    ppo_t = sequence_target(udrra.load("ppo", {"target.beta": 0.5, "reward.lam": 0.0}), sb)
+    ref = sb.pi_ref_seq
+    assert first["kl_ref"] == pytest.approx(0.0, abs=1e-14)
+    assert first["mean_length"] == pytest.approx(float((ref * sb.lengths).sum(-1).mean()), abs=1e-12)
+    assert first["reward"] == pytest.approx(float((ref * sb.reward).sum(-1).mean()), abs=1e-12)
+    assert first["tv_target"] == pytest.approx(float(0.5 * (ref - grpo_t).abs().sum(-1).mean()), abs=1e-12)
+    assert first["tv_limit"] == first["tv_target"] and math.isnan(first["loss"])
+    ppo0 = [r for r in rows if r["step"] == 0 and r["variant"] == "ppo"][0]
+    assert ppo0["tv_target"] == pytest.approx(float(0.5 * (ref - ppo_t).abs().sum(-1).mean()), abs=1e-12)
+    assert ppo0["tv_base"] == pytest.approx(first["tv_target"], abs=1e-12)     # base = grpo's target
+    # reward_center = "length": under π_ref every length class has mean reward 0
+    for k in sb.lengths.unique():
+        m = sb.lengths == k
+        assert torch.allclose((ref[:, m] * sb.reward[:, m]).sum(-1), torch.zeros(2, dtype=torch.float64), atol=1e-12)
+    by = {s["variant"]: s for s in res.summary}
+    assert by["grpo"]["mean_length_target"] == pytest.approx(float((grpo_t * sb.lengths).sum(-1).mean()))
+    assert by["ppo"]["mean_length_base_target"] == by["grpo"]["mean_length_target"]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## Response length" in report and "N = 15 responses and 7 states per prompt" in report
+    assert (tmp_path / "out" / "mean_length.png").exists()
+
+
+def test_sequence_seeds_differ_and_rerun_identically(tmp_path):
+    ex = load_experiment(write(tmp_path, seq()))
+    a = run_experiment(ex, tmp_path / "a", progress=False).rows
+    b = run_experiment(ex, tmp_path / "b", progress=False).rows
+    assert [{k: v for k, v in r.items() if v == v} for r in a] == [{k: v for k, v in r.items() if v == v} for r in b]
+    last = {r["seed"]: r["tv_target"] for r in a if r["variant"] == "grpo" and r["step"] == 10}
+    assert last[0] != last[1]
+
+
+@pytest.mark.parametrize("text,pattern", [
+    (small(exp='metrics = ["kl_ref", "mean_length"]').replace('metrics = ["kl_ref", "max_prob"]\n', ""),
+     r"\[experiment\] metrics: metric 'mean_length' needs \[testbed\] kind = \"sequence\" .*valid for 'random': "
+     r"tv_target, "),
+    (seq(tb="responses = 4"), r"unknown key\(s\) \['responses'\] for kind 'sequence'; valid: .*max_len.*vocab"),
+    (seq(tb='reward_mode = "binary"'), r"\[testbed\]: unknown reward_mode 'binary'; valid: response, token, length"),
+    (seq(tb='reward_center = "mean"'), r"\[testbed\]: unknown reward_center 'mean'; valid: none, length"),
+    (seq(tb="length_coef = \"long\""), r"length_coef must be a number, got 'long'"),
+    (seq().replace("vocab = 3", "vocab = 1"), r"vocab must be >= 2, got 1"),
+    (seq().replace("vocab = 3", "vocab = 3.5"), r"vocab must be an integer, got 3.5"),
+    (seq().replace("max_len = 3", "max_len = 14"), r"gives 32767 responses per prompt, more than the 4096"),
+    (seq(tail='[[variant]]\nlabel = "C"\ntestbed = { kind = "random" }'),
+     r"variant 'C': testbed kind 'random' differs from the experiment's 'sequence'"),
+    (seq(tail='[[variant]]\nlabel = "C"\ntestbed = { reward_mode = "tokens" }'),
+     r"variant 'C' testbed: unknown reward_mode 'tokens'"),
+])
+def test_bad_sequence_experiments_raise_one_config_error(tmp_path, text, pattern):
+    with pytest.raises(ConfigError, match=pattern) as e:
+        load_experiment(write(tmp_path, text))
+    assert "\n" not in str(e.value)
+
+
+def test_sequence_variant_testbed_override_measures_against_the_experiments_base_target(tmp_path):
+    from udrra.sequence import sequence_target
+    text = seq(steps=4, seeds=1, tail='[[variant]]\nlabel = "tilted"\ntestbed = { length_coef = 0.5 }')
+    ex = load_experiment(write(tmp_path, text))
+    res = run_experiment(ex, tmp_path / "o", progress=False)
+    home = build_testbed(ex.testbed).bandit
+    tilted = build_testbed({**ex.testbed, "length_coef": 0.5}).bandit
+    base = sequence_target(udrra.load("grpo", {"target.beta": 0.5}), home)
+    r0 = [r for r in res.rows if r["variant"] == "tilted" and r["step"] == 0][0]
+    assert r0["tv_base"] == pytest.approx(float(0.5 * (tilted.pi_ref_seq - base).abs().sum(-1).mean()), abs=1e-12)
+    assert r0["reward"] == pytest.approx(float((tilted.pi_ref_seq * tilted.reward).sum(-1).mean()), abs=1e-12)

@@ -130,8 +130,8 @@ def test_dpo_and_ppo_losses_through_the_op_equal_materialised_logits_on_a_tiny_l
     def losses(lp, n):
         dpo = udrra.load("dpo").loss(PairBatch(lp[:2], lp[2:], ref_lp[:2], ref_lp[2:], torch.full((2,), 0.5),
                                                torch.ones(2), n[:2], n[2:])).loss
-        ppo = udrra.load("ppo").loss(SampleBatch(lp, lp.detach(), ref_lp, torch.tensor([1.0, 0.0, 2.0, -1.0]),
-                                                 torch.zeros(4, dtype=torch.long), torch.full((4,), 0.25), n)).loss
+        ppo = udrra.load("ppo_no_critic").loss(SampleBatch(lp, lp.detach(), ref_lp, torch.tensor([1.0, 0.0, 2.0, -1.0]),
+                                                 torch.zeros(4, dtype=torch.long), torch.full((4,), 0.25))).loss
         return dpo, ppo
 
     results = []
@@ -158,3 +158,77 @@ def test_default_chunk_is_balanced_and_within_the_128_mib_budget():
     assert default_chunk_tokens(49152, 4096) == 586
     assert default_chunk_tokens(49152, 100) == 100          # one chunk when the rows fit
     assert default_chunk_tokens(1 << 24, 100) == 15         # floor of 16 rows → 7 chunks of ≤ 15
+
+
+# ----------------------------------------------------------------------------------------------------------
+# masked vocabulary: −inf bias entries (0·log 0 = 0 in the entropy and its gradient)
+
+
+def masked_draw(N, H, V, masked, ignore, seed, deep=()):
+    """fp32 inputs with bias = −inf at ``masked`` and −3e4 (finite, p = 0) at ``deep``; targets drawn among the
+    finite entries only."""
+    X, W, b, _, g, e = draw(N, H, V, torch.float32, seed, 1.0, True, ())
+    b[list(masked)] = float("-inf")
+    b[list(deep)] = -3e4
+    finite = torch.isfinite(b).nonzero().squeeze(1)
+    gen = torch.Generator().manual_seed(seed + 100)
+    y = finite[torch.randint(0, finite.numel(), (N,), generator=gen)]
+    for i in ignore:
+        y[i] = -100
+    return X, W, b, y, g, e
+
+
+def masked_reference(X, W, b, y, T, g, e):
+    """fp64 reference on the finite sub-vocabulary alone (the −inf columns never enter it): log-probs and entropy
+    of the softmax over the finite logits, autograd gradients; masked rows of dW and entries of db are 0."""
+    V = W.shape[0]
+    idx = torch.isfinite(b).nonzero().squeeze(1)
+    remap = torch.full((V,), -1, dtype=torch.int64)
+    remap[idx] = torch.arange(idx.numel())
+    keep = y != -100
+    assert bool((remap[y[keep]] >= 0).all()), "targets must be finite entries"
+    ys = torch.where(keep, remap[y.clamp_min(0)], torch.full_like(y, -100))
+    lp, ent, dX, dWs, dbs = reference(X, W[idx], b[idx], ys, T, g, e)
+    dW = torch.zeros(V, W.shape[1], dtype=torch.float64)
+    dW[idx] = dWs
+    db = torch.zeros(V, dtype=torch.float64)
+    db[idx] = dbs
+    return lp, ent, dX, dW, db
+
+
+MASKED_CASES = [  # N, H, V, T, masked (−inf) vocabulary entries, ignored rows, chunk_tokens, deep (−3e4) entries
+    (16, 24, 37, 0.7, (0, 1, 17, 18, 36), (3, 15), 5, ()),                 # both ends, adjacent pairs
+    (13, 32, 64, 1.3, tuple(range(0, 64, 3)), (0,), 4, ()),                 # a third of the vocabulary
+    (12, 32, 64, 0.5, (2, 31, 32, 63), (5,), 5, (10, 40, 41)),             # finite log p ≈ −6e4: below the floor
+]
+
+
+@pytest.mark.parametrize("upstream", ["logp", "entropy", "both"])
+@pytest.mark.parametrize("case", MASKED_CASES)
+def test_chunked_masked_vocabulary_entropy_and_gradients_are_finite_and_match_finite_subvocab_reference(
+        case, upstream, one_torch_thread):
+    N, H, V, T, masked, ignore, chunk, deep = case
+    X, W, b, y, g, e = masked_draw(N, H, V, masked, ignore, seed=V + N, deep=deep)
+    g = g if upstream in ("logp", "both") else torch.zeros(N)
+    e = e if upstream in ("entropy", "both") else torch.zeros(N)
+    Xr, Wr, br = X.clone().requires_grad_(), W.clone().requires_grad_(), b.clone().requires_grad_()
+    lp, ent = linear_logprobs(Xr, Wr, y, bias=br, temperature=T, return_entropy=True, backend="chunked",
+                              chunk_tokens=chunk)
+    loss = (lp * g).sum() if upstream == "logp" else (ent * e).sum() if upstream == "entropy" else \
+        (lp * g).sum() + (ent * e).sum()
+    loss.backward()   # "logp": autograd hands the op a zero entropy gradient — the path that used to give NaN
+    rlp, rent, dX, dW, db = masked_reference(X, W, b, y, T, g, e)
+    assert torch.isfinite(lp).all() and torch.isfinite(ent).all()
+    assert rel(lp, rlp) < 1e-5 and rel(ent, rent) < 1e-5
+    for got in (Xr.grad, Wr.grad, br.grad):
+        assert torch.isfinite(got).all()
+    assert rel(Xr.grad, dX) < 1e-4 and rel(Wr.grad, dW) < 1e-4 and rel(br.grad, db) < 1e-4
+    m = list(masked)
+    assert (br.grad[m] == 0).all() and (Wr.grad[m] == 0).all()    # p = 0 there: exactly no gradient
+    for i in ignore:
+        assert lp[i].item() == 0.0 and ent[i].item() == 0.0 and Xr.grad[i].abs().max().item() == 0.0
+    if upstream == "logp":  # the log-prob-only call agrees with the entropy call, values and gradients
+        Xo, bo = X.clone().requires_grad_(), b.clone().requires_grad_()
+        lpo = linear_logprobs(Xo, W, y, bias=bo, temperature=T, backend="chunked", chunk_tokens=chunk)
+        (lpo * g).sum().backward()
+        assert rel(lpo, rlp) < 1e-5 and rel(Xo.grad, dX) < 1e-4 and rel(bo.grad, db) < 1e-4

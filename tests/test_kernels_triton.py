@@ -321,3 +321,98 @@ def test_bad_tile_sizes_and_backward_arguments_raise_value_error():
     with pytest.raises(ValueError, match="chunk_rows must be >= 1"):
         K.backward(x, w, y, None, torch.zeros(4), None, torch.ones(4), None, temperature=1.0,
                    ignore_index=IGNORE, chunk_rows=0, **TILES)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# masked vocabulary: −inf bias entries (0·log 0 = 0 in the entropy and its gradient)
+
+
+def _masked_draw(n, v, h, masked, ignore_rows, seed):
+    """fp32 inputs with bias = −inf at ``masked``; targets drawn among the finite entries only."""
+    x, w, b, _, g, e = _draw(n, v, h, torch.float32, bias=True, seed=seed)
+    b[list(masked)] = float("-inf")
+    finite = torch.isfinite(b).nonzero()[:, 0]
+    gen = torch.Generator().manual_seed(seed + 1)
+    y = finite[torch.randint(0, finite.numel(), (n,), generator=gen)]
+    for r in ignore_rows:
+        y[r] = IGNORE
+    return x, w, b, y, g, e
+
+
+def _masked_reference(x, w, y, b, temperature, g, e):
+    """``_reference`` on the finite sub-vocabulary alone (the −inf columns never enter it): log-probs and entropy
+    of the softmax over the finite logits and their autograd gradients; dW rows and db entries of the masked
+    columns are 0."""
+    v = w.shape[0]
+    idx = torch.isfinite(b).nonzero()[:, 0]
+    remap = torch.full((v,), -1, dtype=torch.int64)
+    remap[idx] = torch.arange(idx.numel())
+    valid = y != IGNORE
+    assert bool((remap[y[valid]] >= 0).all()), "targets must be finite entries"
+    ys = torch.where(valid, remap[y.clamp_min(0)], torch.full_like(y, IGNORE))
+    ref = _reference(x, w[idx], ys, b[idx], temperature, g, e)
+    dw = torch.zeros(v, w.shape[1], dtype=torch.float64)
+    dw[idx] = ref["dw"]
+    db = torch.zeros(v, dtype=torch.float64)
+    db[idx] = ref["db"]
+    return dict(ref, dw=dw, db=db)
+
+
+# with TILES (block_v = 32): V = 130 is tiles [0,32) [32,64) [64,96) [96,128) [128,130)
+MASKED_CASES = [
+    pytest.param((0, 5, 31, 32, 63, 64, 96, 127, 128, 129), 1, None, id="tile-edges-1split"),
+    # vocabulary split 0 (tiles 0 and 1) entirely masked: its partial (m, s, a) is the empty one; plus the first
+    # column of split 2 and the last column
+    pytest.param(tuple(range(64)) + (128, 129), 3, 16, id="whole-split-masked-3splits-chunk16"),
+]
+
+
+@pytest.mark.parametrize("upstream", ["logp", "entropy", "both"])
+@pytest.mark.parametrize("masked,splits,chunk_rows", MASKED_CASES)
+def test_masked_vocabulary_kernels_give_finite_entropy_and_grads_matching_finite_subvocab_reference(
+        masked, splits, chunk_rows, upstream):
+    n, v, h, temperature, ignored = 40, 130, 40, 0.7, (0, 7, 39)
+    x, w, b, y, g, e = _masked_draw(n, v, h, masked, ignored, seed=len(masked))
+    g_in = g if upstream in ("logp", "both") else None
+    # "logp": a zero entropy gradient, as autograd hands the op when only logp is used (the path that gave NaN)
+    e_in = e if upstream in ("entropy", "both") else torch.zeros(n)
+    ref = _masked_reference(x, w, y, b, temperature, g if g_in is not None else torch.zeros(n), e_in)
+    kw = dict(TILES, num_splits=splits) | ({} if chunk_rows is None else dict(chunk_rows=chunk_rows))
+    logp, lse, ent, dx, dw, db = _run(x, w, b, y, g_in, e_in, temperature, **kw)
+
+    _assert_close(logp, ref["logp"], rtol=1e-5, atol=1e-5, what="logp")
+    _assert_close(lse, ref["lse"], rtol=1e-5, atol=1e-5, what="lse")
+    _assert_close(ent, ref["entropy"], rtol=1e-5, atol=1e-5, what="entropy")
+    _assert_grad_close(dx, ref["dx"], tol=1e-4, what="d_hidden")
+    _assert_grad_close(dw, ref["dw"], tol=1e-4, what="d_weight")
+    _assert_grad_close(db, ref["db"], tol=1e-4, what="d_bias")
+    m = list(masked)
+    assert torch.equal(db[m], torch.zeros(len(m))) and torch.equal(dw[m], torch.zeros(len(m), h))
+    rows = list(ignored)
+    assert torch.equal(logp[rows], torch.zeros(len(rows))) and torch.equal(ent[rows], torch.zeros(len(rows)))
+    assert torch.equal(dx[rows], torch.zeros(len(rows), h))
+
+
+@pytest.mark.parametrize("upstream", ["logp", "entropy"])
+def test_masked_vocabulary_through_linear_logprobs_triton_backend_matches_finite_subvocab_reference(upstream):
+    # the public op with its default tiles (block_v = 128): masked columns on both sides of the 128 and 256
+    # boundaries; upstream gradient on one output only, the other getting autograd's zero gradient
+    from udrra.kernels import linear_logprobs
+
+    n, v, h, temperature, ignored = 20, 300, 24, 1.3, (4, 19)
+    masked = (1, 126, 127, 128, 129, 255, 256, 299)
+    x, w, b, y, g, e = _masked_draw(n, v, h, masked, ignored, seed=21)
+    xr, wr, br = x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
+    logp, ent = linear_logprobs(xr, wr, y, bias=br, temperature=temperature, return_entropy=True, backend="triton")
+    if upstream == "logp":
+        (logp * g).sum().backward()
+        ref = _masked_reference(x, w, y, b, temperature, g, torch.zeros(n))
+    else:
+        (ent * e).sum().backward()
+        ref = _masked_reference(x, w, y, b, temperature, torch.zeros(n), e)
+    _assert_close(logp, ref["logp"], rtol=1e-5, atol=1e-5, what="logp")
+    _assert_close(ent, ref["entropy"], rtol=1e-5, atol=1e-5, what="entropy")
+    _assert_grad_close(xr.grad, ref["dx"], tol=1e-4, what="d_hidden")
+    _assert_grad_close(wr.grad, ref["dw"], tol=1e-4, what="d_weight")
+    _assert_grad_close(br.grad, ref["db"], tol=1e-4, what="d_bias")
+    assert torch.equal(br.grad[list(masked)], torch.zeros(len(masked)))

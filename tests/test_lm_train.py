@@ -14,8 +14,13 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 import udrra  # noqa: E402
 from udrra.errors import ConfigError, InputError  # noqa: E402
+import random  # noqa: E402
+
+import udrra.lm.train as lm_train  # noqa: E402
+from udrra.lm.data import PreferencePair, collate_pairs, tokenize_pairs  # noqa: E402
 from udrra.lm.logprobs import sequence_logps  # noqa: E402
 from udrra.lm.models import make_reference  # noqa: E402
+from udrra.lm.producers import OfflinePairs  # noqa: E402
 from udrra.lm.train import (add_train_arguments, run_from_args, sample_responses, sampled_kl, train,  # noqa: E402
                             update_reference)
 
@@ -107,6 +112,8 @@ def test_update_reference_rules_ema_lerps_and_reset_every_copies_on_multiples_on
     assert update_reference(ref, policy, "reset_every", {"every": 3}, step=3)
     assert all(torch.equal(r, p) for r, p in zip(ref.parameters(), policy.parameters()))
     assert not update_reference(ref, policy, "frozen", {}, step=3)
+    with pytest.raises(ConfigError, match="unknown reference update rule"):
+        update_reference(ref, policy, "sometimes", {}, step=3)
 
 
 def test_simpo_trains_without_a_reference_and_reports_no_sampled_kl(tmp_path):
@@ -192,3 +199,68 @@ def test_every_builtin_pair_based_algorithm_trains_one_step_through_its_own_loss
     step = res["log_history"][0]
     assert math.isfinite(step["train/loss"]) and math.isfinite(res["eval_before"]["eval/loss"])
     assert (tmp_path / name / "algorithm.toml").read_text() == algo.to_toml()
+
+
+def _tokenized_rows(n=10):
+    pairs = [PreferencePair(r["prompt"], r["chosen"], r["rejected"]) for r in ROWS[:n]]
+    rows, _ = tokenize_pairs(char_tokenizer(), pairs, max_length=48, max_prompt_length=24)
+    return rows
+
+
+def test_offline_pairs_collects_reference_logps_without_gradient_and_attaches_the_same_rows_with_it():
+    rows = _tokenized_rows()
+    policy = tiny_llama()
+    reference = make_reference(policy)
+    prod = OfflinePairs(rows, batch_size=3, pad_token_id=0, device="cpu", policy=policy, reference=reference, seed=5)
+    order = list(range(len(rows)))
+    random.Random(5).shuffle(order)
+    batch = prod.collect()
+    b = collate_pairs([rows[i] for i in order[:3]], 0)
+    with torch.no_grad():
+        ref, n = sequence_logps(reference, b["input_ids"], b["attention_mask"], b["loss_mask"])
+    assert not batch.ref_chosen_logps.requires_grad and not batch.chosen_logps.requires_grad
+    assert torch.equal(batch.ref_chosen_logps, ref[:3]) and torch.equal(batch.ref_rejected_logps, ref[3:])
+    assert torch.equal(batch.chosen_lengths, n[:3]) and torch.equal(batch.rejected_lengths, n[3:])
+    attached = prod.attach(batch)
+    assert attached.chosen_logps.requires_grad and attached.ref_chosen_logps is batch.ref_chosen_logps
+    assert torch.equal(attached.chosen_logps.detach(), ref[:3])  # the reference is a copy of the policy
+    assert prod.attached[0][0] == 3 and torch.equal(prod.attached[0][1], ref)
+    assert (prod.pairs_seen, prod.tokens_seen) == (3, int(b["attention_mask"].sum()))
+    second = prod.collect()
+    with pytest.raises(InputError, match="last collect"):
+        prod.attach(batch)
+    prod.attach(second)
+    rng, orders = random.Random(5), []
+    for _ in range(2):
+        orders.append(list(range(len(rows))))
+        rng.shuffle(orders[-1])
+    fresh = OfflinePairs(rows, batch_size=3, pad_token_id=0, device="cpu", policy=policy, reference=None, seed=5)
+    got = [fresh.next_rows() for _ in range(4)]  # a fresh shuffle once fewer than batch_size rows are left
+    assert got == [[rows[i] for i in o] for o in (orders[0][:3], orders[0][3:6], orders[0][6:9], orders[1][:3])]
+    assert fresh.epoch == 1
+    no_ref = OfflinePairs(rows, batch_size=2, pad_token_id=0, device="cpu", policy=policy, reference=None, seed=0)
+    assert torch.equal(no_ref.collect().ref_chosen_logps, torch.zeros(2))
+
+
+def test_the_lm_trainer_runs_the_shared_loop_and_reset_every_counts_optimizer_steps_not_micro_batches(
+        tmp_path, monkeypatch):
+    calls = []
+
+    def spy(*args, **kw):
+        calls.append(kw)
+        return udrra.loop.fit(*args, **kw)
+
+    monkeypatch.setattr(lm_train, "fit", spy)
+    algo = udrra.load("dpo", overrides={"reference.update": "reset_every", "reference.every": 2})
+    fast = {**FAST, "batch_size": 2, "kl_prompts": 0}
+    res = train(algo, tiny_llama(), ROWS, tokenizer=char_tokenizer(), output_dir=tmp_path / "a", max_steps=2,
+                gradient_accumulation_steps=2, **fast)
+    assert len(calls) == 1 and calls[0]["steps"] == 2 and calls[0]["accumulate"] == 2
+    assert calls[0]["reference_update"] == udrra.loop.ReferenceUpdate("reset_every", every=2)
+    assert res["pairs_seen"] == 8 and [h["step"] for h in res["log_history"]] == [1, 2]
+    assert res["eval_after"]["eval/reward_margin"] == 0.0  # reset after optimizer step 2 (= 4 micro-batches)
+    res = train(algo, tiny_llama(), ROWS, tokenizer=char_tokenizer(), output_dir=tmp_path / "b", max_steps=3,
+                gradient_accumulation_steps=2, eval_steps=2, **fast)
+    assert [h["step"] for h in res["eval_history"]] == [0, 2, 3]
+    assert res["eval_history"][1]["eval/reward_margin"] == 0.0  # evaluated after step 2's reset
+    assert res["eval_after"]["eval/reward_margin"] != 0.0  # step 3 moved the policy, not the reference

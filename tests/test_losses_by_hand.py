@@ -53,7 +53,7 @@ def test_rdpo_loss_is_chowdhury_unbiased_combination():
 
 def test_simpo_loss_uses_length_normalised_logprobs_and_margin_without_reference():
     # beta 2, gamma 0.5: x = 2 * (-1/2 - (-2/4)) - 0.5 = -0.5
-    out = udrra.load("simpo", {"target.beta": 2.0, "reference.gamma": 0.5}).loss(pair(lw=2.0, ll=4.0, rw=-9, rl=9))
+    out = udrra.load("simpo", {"target.beta": 2.0, "reference.gamma": 0.5}).loss(pair(lw=2.0, ll=4.0, rw=-9.0, rl=-0.5))
     assert out.loss.item() == pytest.approx(softplus(0.5), abs=1e-12)
 
 
@@ -111,7 +111,7 @@ def test_kl_in_reward_shapes_reward_by_minus_beta_log_ratio():
     algo = udrra.load("reinforce", {"target.beta": 0.5})
     t = lambda *v: torch.tensor(v, dtype=torch.float64)
     b = SampleBatch(logps=t(-1.0), old_logps=t(-1.0), ref_logps=t(-2.0), rewards=t(3.0), group=torch.tensor([0]),
-                    weights=t(1.0), lengths=t(1.0))
+                    weights=t(1.0))
     assert algo.loss(b).loss.item() == pytest.approx(-(3.0 - 0.5 * 1.0))
 
 
@@ -123,6 +123,6 @@ def test_nan_logps_are_rejected_with_a_clear_error():
 
 def test_wrong_batch_type_is_rejected():
     t = lambda *v: torch.tensor(v, dtype=torch.float64)
-    b = SampleBatch(t(-1.0), t(-1.0), t(-1.0), t(0.0), torch.tensor([0]), t(1.0), t(1.0))
+    b = SampleBatch(t(-1.0), t(-1.0), t(-1.0), t(0.0), torch.tensor([0]), t(1.0))
     with pytest.raises(udrra.InputError, match="consumes PairBatch"):
         udrra.load("dpo").loss(b)

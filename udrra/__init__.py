@@ -19,7 +19,9 @@ from .config import catalog_names
 from .errors import ConfigError, InputError, TargetError, UdrraError
 from .loss import LossOutput
 from .verify import VerifyResult, verify
+from .sequence import SequenceBandit
 
-__all__ = ["Algorithm", "load", "Bandit", "PairBatch", "SampleBatch", "LossOutput", "verify", "VerifyResult",
+__all__ = ["Algorithm", "load", "Bandit", "SequenceBandit", "PairBatch", "SampleBatch", "LossOutput", "verify",
+           "VerifyResult",
            "catalog_names", "ConfigError", "InputError", "TargetError", "UdrraError"]
 __version__ = "0.1.0"

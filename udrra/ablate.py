@@ -27,6 +27,18 @@ An experiment is a TOML file (see ``experiments/``)::
     prompts = 3
     responses = 5
 
+    [testbed]                          # or the exact sequence testbed (udrra.SequenceBandit.random)
+    kind = "sequence"
+    prompts = 3
+    vocab = 3                          # V tokens, EOS = V − 1
+    max_len = 4                        # L: N = Σ_{k<L} (V−1)^k + (V−1)^L responses per prompt
+    seed = 0
+    reward_mode = "response"           # response | token | length (udrra.sequence.REWARD_MODES)
+    reward_scale = 1.0
+    ref_concentration = 2.0
+    length_coef = 0.0                  # + length_coef·|y|
+    reward_center = "none"             # none | length: subtract E_π_ref[r | |y|] per prompt and length
+
     [[variant]]                        # one composition per variant: the base with dotted overrides,
     label = "k3 in loss"               # or another algorithm
     algorithm = "grpo"
@@ -44,6 +56,8 @@ An experiment is a TOML file (see ``experiments/``)::
 Metrics (per logged step, per seed; means over prompts):
 
 - ``tv_target``: total variation to the variant's own derived target (NaN where it has none);
+- ``tv_limit``: total variation to the variant's own target with the group size taken to infinity (the n → ∞
+  target that exact mode used before finite groups; equal to ``tv_target`` for compositions without groups);
 - ``tv_base``: total variation to the base composition's target (the distribution the ablation is measured
   against, e.g. DPO's Boltzmann target);
 - ``kl_ref``: KL(π‖π_ref) in nats; ``reward``: E_π[r] under the true reward;
@@ -51,7 +65,17 @@ Metrics (per logged step, per seed; means over prompts):
 - ``max_uncovered``: the largest probability on one uncovered response (Xu et al. §4.2's "0.11 → 0.23");
 - ``max_prob``: the largest probability on one response (1 = deterministic);
 - ``loss``: the training loss of the batch that step trained on, i.e. evaluated before that step's update
-  (with vectorised seeds: the mean over the stacked copies).
+  (with vectorised seeds: the mean over the stacked copies);
+- ``mean_length``: E_π|y|, the mean response length in tokens (EOS counted); sequence testbeds only.
+
+On a sequence testbed every metric is taken over whole responses, on the ``(P, N)`` distribution
+π(y|x) = Π_t π(y_t | x, y_<t): targets are :func:`udrra.sequence.derive_sequence`'s (n → ∞ groups, so
+``tv_limit`` = ``tv_target``), ``kl_ref`` is KL(π‖π_ref) of whole responses. Its seeds run one by one (seeds change
+the sampler and the initial policy, not the testbed), through :func:`udrra.sequence.SequenceProducer` and
+:func:`udrra.loop.fit` exactly as :func:`udrra.verify.train` on a ``SequenceBandit`` does with
+``lr_decay = average = early_stop = False``, plus the logged metrics. ``report.md`` gets a response-length table
+(the mean length of each variant's final policy, of its own target and of the base target) when ``mean_length``
+is measured.
 
 Outputs in the output directory: ``metrics.csv`` (every logged step), ``summary.csv`` (final values, mean ± std
 over seeds, steps-to-ε), one PNG per metric (mean over seeds with a min–max band) and ``report.md``.
@@ -70,7 +94,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -85,8 +109,14 @@ from .verify import OPTIMIZERS, total_variation, train
 __all__ = ["Experiment", "Variant", "Claim", "load_experiment", "run_experiment", "build_testbed", "METRICS",
            "TESTBEDS", "ExperimentResult"]
 
-METRICS = ("tv_target", "tv_base", "kl_ref", "reward", "uncovered_mass", "max_uncovered", "max_prob", "loss")
-TESTBEDS = ("random", "table", "xu_synthetic")
+METRICS = ("tv_target", "tv_base", "kl_ref", "reward", "uncovered_mass", "max_uncovered", "max_prob", "loss",
+           "tv_limit", "mean_length")
+TESTBEDS = ("random", "table", "xu_synthetic", "sequence")
+#: metrics that only the sequence testbed defines (a bandit's responses are one token)
+SEQUENCE_METRICS = ("mean_length",)
+#: the largest sequence testbed ablate builds: responses per prompt (every response is enumerated)
+MAX_SEQUENCE_RESPONSES = 4096
+_REWARD_CENTERS = ("none", "length")
 _EXPERIMENT_KEYS = {"name", "description", "notes", "base", "base_set", "set", "mode", "steps", "seeds", "optimizer",
                     "lr", "batch_size", "log_every", "epsilon", "init", "init_scale", "metrics"}
 _INITS = ("reference", "uniform", "random", "random_uniform")
@@ -98,6 +128,8 @@ _TESTBED_KEYS = {
               "reward_model", "reward_model_steps", "reward_model_weight_decay", "reward_model_labels"},
     "xu_synthetic": {"kind", "prompts", "pairs_per_prompt", "seed", "policy", "hidden", "reward_model",
                      "reward_model_steps", "reward_model_weight_decay", "reward_model_labels", "init_scale"},
+    "sequence": {"kind", "prompts", "vocab", "max_len", "seed", "reward_mode", "reward_scale", "ref_concentration",
+                 "length_coef", "reward_center"},
 }
 _OPS = {">": lambda a, b: a > b, "<": lambda a, b: a < b, ">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b}
 
@@ -213,6 +245,9 @@ def load_experiment(path) -> Experiment:
         algo = resolve(str(v.get("algorithm", ex["base"])))
         label = str(v.get("label") or algo)
         vtb = dict(v.get("testbed") or {})
+        if vtb.get("kind", kind) != kind:
+            _fail(f"{p} variant {label!r}", f"testbed kind {vtb['kind']!r} differs from the experiment's {kind!r}; "
+                                            "a variant may change the testbed's other keys only")
         tbad = set(vtb) - _TESTBED_KEYS[kind]
         if tbad:
             _fail(f"{p} variant {label!r}", f"unknown testbed key(s) {sorted(tbad)} for kind {kind!r}; valid: "
@@ -238,6 +273,10 @@ def load_experiment(path) -> Experiment:
     for m in metrics:
         if m not in METRICS:
             _fail(f"{p} [experiment] metrics", f"unknown metric {m!r}; valid: {', '.join(METRICS)}")
+        if m in SEQUENCE_METRICS and kind != "sequence":
+            _fail(f"{p} [experiment] metrics", f"metric {m!r} needs [testbed] kind = \"sequence\" (kind {kind!r} has "
+                                               f"one-token responses); valid for {kind!r}: "
+                                               f"{', '.join(x for x in METRICS if x not in SEQUENCE_METRICS)}")
     claims = []
     for i, c in enumerate(raw.get("claim") or []):
         where = f"{p} [[claim]] #{i + 1}"
@@ -272,13 +311,16 @@ def load_experiment(path) -> Experiment:
         if key in ex and (isinstance(ex[key], bool) or not isinstance(ex[key], (int, float)) or ex[key] < 0):
             _fail(f"{p} [experiment]", f"{key} must be a non-negative number, got {ex[key]!r}")
     for where, table in [("[testbed]", tb)] + [(f"variant {v.label!r} testbed", v.testbed) for v in variants]:
-        for key in ("prompts", "responses", "seed", "uncovered", "pairs_per_prompt", "hidden", "reward_model_steps"):
+        for key in ("prompts", "responses", "seed", "uncovered", "pairs_per_prompt", "hidden", "reward_model_steps",
+                    "vocab", "max_len"):
             if key in table and (isinstance(table[key], bool) or not isinstance(table[key], int)):
                 _fail(f"{p} {where}", f"{key} must be an integer, got {table[key]!r}")
         for key in ("reward_scale", "ref_concentration", "coverage", "mlp_init_scale", "init_scale",
-                    "reward_model_weight_decay"):
+                    "reward_model_weight_decay", "length_coef"):
             if key in table and (isinstance(table[key], bool) or not isinstance(table[key], (int, float))):
                 _fail(f"{p} {where}", f"{key} must be a number, got {table[key]!r}")
+        if kind == "sequence":
+            _check_sequence_testbed(f"{p} {where}", {**tb, **table})
     return Experiment(name=str(ex.get("name") or p.stem), description=str(ex.get("description", "")), base=base,
                       variants=variants, base_overrides=base_overrides, testbed=tb, mode=mode, steps=int(ex.get("steps", 1000)),
                       seeds=int(ex.get("seeds", 3)), optimizer=opt, lr=float(ex.get("lr", 0.05)),
@@ -286,6 +328,25 @@ def load_experiment(path) -> Experiment:
                       epsilon=float(ex.get("epsilon", 0.02)), init=init,
                       init_scale=float(ex.get("init_scale", 1.0)), metrics=metrics, claims=claims, path=p,
                       notes=str(ex.get("notes", "")))
+
+
+def _check_sequence_testbed(where: str, spec: Dict[str, Any]) -> None:
+    """Ranges of a sequence testbed's keys (types are checked by the caller)."""
+    from .sequence import REWARD_MODES
+    for key, low, default in (("prompts", 1, 3), ("vocab", 2, 3), ("max_len", 1, 3)):
+        if int(spec.get(key, default)) < low:
+            _fail(where, f"{key} must be >= {low}, got {spec[key]!r}")
+    if spec.get("reward_mode", "response") not in REWARD_MODES:
+        _fail(where, f"unknown reward_mode {spec['reward_mode']!r}; valid: {', '.join(REWARD_MODES)}")
+    if spec.get("reward_center", "none") not in _REWARD_CENTERS:
+        _fail(where, f"unknown reward_center {spec['reward_center']!r}; valid: {', '.join(_REWARD_CENTERS)}")
+    if float(spec.get("ref_concentration", 2.0)) <= 0:
+        _fail(where, f"ref_concentration must be > 0, got {spec['ref_concentration']!r}")
+    V, L = int(spec.get("vocab", 3)), int(spec.get("max_len", 3))
+    n = sum((V - 1) ** k for k in range(L)) + (V - 1) ** L
+    if n > MAX_SEQUENCE_RESPONSES:
+        _fail(where, f"vocab = {V}, max_len = {L} gives {n} responses per prompt, more than the "
+                     f"{MAX_SEQUENCE_RESPONSES} ablate enumerates; use a smaller vocab or max_len")
 
 
 # ------------------------------------------------------------------------------------------------ testbeds
@@ -330,6 +391,10 @@ def build_testbed(spec: Dict[str, Any], seed: int = 0) -> Testbed:
     2404.10719 §4.2: P prompts × P responses, rewards U(0, 1) off the diagonal and 1.5 on it (the optimal response
     of prompt x is y = x), ``pairs_per_prompt`` random pairs per prompt that each hold the optimal response,
     π_ref = a randomly initialised MLP policy; data and MLP are drawn from ``seed`` + the experiment seed).
+    ``sequence``: :meth:`udrra.SequenceBandit.random` (``prompts``, ``vocab``, ``max_len``, ``seed``,
+    ``reward_mode``, ``reward_scale``, ``ref_concentration``, ``length_coef``); ``reward_center = "length"`` then
+    subtracts, per prompt and response length k, the reference's mean reward of that length E_π_ref[r | |y| = k]
+    (so that under π_ref the length of a response says nothing about its reward: every length class has mean 0).
     ``reward_model = "fit"`` makes on-policy learners see a Bradley–Terry reward model fitted on the pairs
     (same policy class) instead of the true reward (``reward_model_labels = "deterministic"``: each pair labelled
     by its better response, as a dataset holding one comparison per pair is); metrics always use the true reward.
@@ -341,6 +406,10 @@ def build_testbed(spec: Dict[str, Any], seed: int = 0) -> Testbed:
     policy_kind = spec.get("policy", "table")
     hidden = int(spec.get("hidden", 64))
     init = None
+    if kind == "sequence":
+        sb = _sequence_bandit(spec)
+        covered = (sb.pair_distribution + sb.pair_distribution.transpose(1, 2)).sum(-1) > 0
+        return Testbed(sb, sb, covered, "table", hidden)
     if kind == "random":
         P, K = int(spec.get("prompts", 3)), int(spec.get("responses", 5))
         b = Bandit.random(P, K, seed=int(spec.get("seed", 0)), reward_scale=float(spec.get("reward_scale", 1.0)),
@@ -411,19 +480,61 @@ def build_testbed(spec: Dict[str, Any], seed: int = 0) -> Testbed:
     return Testbed(bandit, train_bandit, covered, policy_kind, hidden, init)
 
 
+def _sequence_bandit(spec: Dict[str, Any]):
+    from .sequence import SequenceBandit
+    sb = SequenceBandit.random(int(spec.get("prompts", 3)), int(spec.get("vocab", 3)), int(spec.get("max_len", 3)),
+                               seed=int(spec.get("seed", 0)), reward_scale=float(spec.get("reward_scale", 1.0)),
+                               ref_concentration=float(spec.get("ref_concentration", 2.0)),
+                               reward_mode=str(spec.get("reward_mode", "response")),
+                               length_coef=float(spec.get("length_coef", 0.0)))
+    center = spec.get("reward_center", "none")
+    if center not in _REWARD_CENTERS:
+        raise InputError(f"[testbed] unknown reward_center {center!r}; valid: {', '.join(_REWARD_CENTERS)}")
+    if center == "length":
+        lengths = sb.lengths
+        r = sb.reward.clone()
+        for k in lengths.unique():
+            m = lengths == k
+            w = sb.pi_ref_seq[:, m]
+            r[:, m] -= (w * r[:, m]).sum(-1, keepdim=True) / w.sum(-1, keepdim=True)
+        sb = SequenceBandit(sb.ref_state_probs, r, vocab=sb.V, max_len=sb.L)
+    return sb
+
+
 # ------------------------------------------------------------------------------------------------ running
 def _target_or_none(algo: Algorithm, bandit: Bandit) -> Optional[Tensor]:
+    from .sequence import SequenceBandit, sequence_target
     try:
+        if isinstance(bandit, SequenceBandit):
+            return sequence_target(algo, bandit)
         return algo.target_distribution(bandit).double()
     except TargetError:
         return None
 
 
+def _limit_or_none(algo: Algorithm, bandit: Bandit) -> Optional[Tensor]:
+    """The composition's target with the group size taken to n → ∞ (None where it has none)."""
+    from .components.target import limit_target
+    derived = limit_target(algo.components)
+    if derived.solve is None:
+        return None
+    try:
+        return derived.solve(bandit).double()
+    except TargetError:
+        return None
+
+
 def _metric_fn(bandit: Bandit, covered: Tensor, target: Optional[Tensor], base_target: Optional[Tensor],
-               copies: int):
-    P, K = bandit.shape
-    r = bandit.reward
-    log_ref = bandit.log_pi_ref
+               copies: int, limit: Optional[Tensor] = None):
+    return _metrics_of(bandit.reward, bandit.log_pi_ref, covered, target, base_target, copies, limit)
+
+
+def _metrics_of(r: Optional[Tensor], log_ref: Tensor, covered: Tensor, target: Optional[Tensor],
+                base_target: Optional[Tensor], copies: int, limit: Optional[Tensor] = None,
+                lengths: Optional[Tensor] = None):
+    """The metrics of ``copies`` stacked ``(P, K)`` policies (K responses, or N whole responses on sequences), each
+    a ``(copies,)`` tensor of means over prompts; ``mean_length`` needs the responses' ``lengths``."""
+    P, K = log_ref.shape
     unc = (~covered).double()
 
     def fn(probs: Tensor) -> Dict[str, Tensor]:
@@ -431,6 +542,7 @@ def _metric_fn(bandit: Bandit, covered: Tensor, target: Optional[Tensor], base_t
         out = {}
         nan = torch.full((copies,), float("nan"), dtype=torch.float64)
         out["tv_target"] = nan if target is None else total_variation(pr, target).mean(-1)
+        out["tv_limit"] = nan if limit is None else total_variation(pr, limit).mean(-1)
         out["tv_base"] = nan if base_target is None else total_variation(pr, base_target).mean(-1)
         logp = torch.log(pr.clamp_min(1e-300))
         out["kl_ref"] = torch.where(pr > 0, pr * (logp - log_ref), torch.zeros_like(pr)).sum(-1).mean(-1)
@@ -438,12 +550,17 @@ def _metric_fn(bandit: Bandit, covered: Tensor, target: Optional[Tensor], base_t
         out["uncovered_mass"] = (pr * unc).sum(-1).mean(-1)
         out["max_uncovered"] = (pr * unc).amax(-1).amax(-1)
         out["max_prob"] = pr.amax(-1).mean(-1)
+        out["mean_length"] = nan if lengths is None else (pr * lengths).sum(-1).mean(-1)
         return out
     return fn
 
 
 def _init_logits(ex: Experiment, tb: Testbed, seed: int) -> Tensor:
-    log_ref = tb.bandit.log_pi_ref
+    return _start_logits(ex, tb.bandit.log_pi_ref, seed)
+
+
+def _start_logits(ex: Experiment, log_ref: Tensor, seed: int) -> Tensor:
+    """One seed's starting logits around ``log_ref`` (``(P, K)``, or ``(P·S, V)`` per state on sequences)."""
     if ex.init == "reference":
         return log_ref.clone()
     if ex.init == "uniform":
@@ -465,10 +582,72 @@ class ExperimentResult:
     seconds: float
 
 
-def _run_variant(ex: Experiment, v: Variant, base_algo: Algorithm, progress) -> List[Dict[str, Any]]:
+def _variant_algorithm(ex: Experiment, v: Variant) -> Algorithm:
+    """The variant's algorithm. An experiment's ``steps`` is the length of one run, or of one round when the
+    reference is reset (``reference.every`` = ``steps`` unless the variant sets it), so that ``rounds`` rounds
+    run ``rounds × steps`` steps."""
     algo = load(v.algorithm, v.overrides)
+    if algo.components.reference.get("update") == "reset_every" and "reference.every" not in v.overrides:
+        algo = load(v.algorithm, {**v.overrides, "reference.every": ex.steps})
+    return algo
+
+
+def _sequence_metric_fn(sb, covered: Tensor, target: Optional[Tensor], base_target: Optional[Tensor]):
+    """The metrics of one ``(P, N)`` policy over whole responses (sequence targets are the n → ∞ ones already, so
+    ``tv_limit`` is ``tv_target``)."""
+    return _metrics_of(sb.reward, torch.log(sb.pi_ref_seq), covered, target, base_target, 1, target, sb.lengths)
+
+
+def _sequence_init_logits(ex: Experiment, sb, seed: int) -> Tensor:
+    """The ``(P·S, V)`` starting logits of one seed (``init`` as on the bandit, per state)."""
+    return _start_logits(ex, sb.log_ref_logits, seed)
+
+
+def _train_sequence_logged(algo: Algorithm, sb, *, exact: bool, steps: int, seed: int, lr: float, batch_size: int,
+                           start: Tensor, optimizer: str, log_every: int,
+                           metrics: Callable[[Tensor], Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """:func:`udrra.verify.train` on a ``SequenceBandit`` with ablate's settings — the given optimiser at a constant
+    ``lr``, no averaging, no early stop — from the ``(P·S, V)`` logits ``start``, with ``metrics(probs)`` called on
+    the ``(P, N)`` policy at every logged step. Returns the history: ``{"step", "round", "loss", **metrics}``."""
+    _, _, history = train(algo, sb, exact=exact, steps=steps, seed=seed, lr=lr, batch_size=batch_size,
+                          init_logits=start - sb.log_ref_logits, optimizer=optimizer, lr_decay=False,
+                          average=False, early_stop=False, log_every=log_every, metrics=metrics)
+    return history
+
+
+def _run_sequence_variant(ex: Experiment, v: Variant, algo: Algorithm, base_algo: Algorithm,
+                          progress) -> List[Dict[str, Any]]:
+    """One variant on the sequence testbed, seed by seed (the testbed itself does not depend on the seed)."""
+    spec = {**ex.testbed, **v.testbed}
+    tb = build_testbed(spec)
+    sb = tb.bandit
+    target = _target_or_none(algo, sb)
+    home = sb if not v.testbed else build_testbed(ex.testbed).bandit
+    base_target = _target_or_none(base_algo, home if home.shape == sb.shape else sb)
+    fn = _sequence_metric_fn(sb, tb.covered, target, base_target)
+    rows: List[Dict[str, Any]] = []
+    for s in range(ex.seeds):
+        start = _sequence_init_logits(ex, sb, s)
+        with torch.no_grad():
+            first = fn(torch.exp(sb.sequence_logps(start)))
+        first["loss"] = torch.full((1,), float("nan"), dtype=torch.float64)
+        hist = _train_sequence_logged(algo, sb, exact=ex.mode == "exact", steps=ex.steps, seed=s, lr=ex.lr,
+                                      batch_size=v.batch_size or ex.batch_size, start=start,
+                                      optimizer=ex.optimizer, log_every=ex.log_every, metrics=fn)
+        for step, rec in [(0, first)] + [(h["step"], h) for h in hist]:
+            row = {"variant": v.label, "seed": s, "step": step}
+            row.update({m: float(rec[m]) for m in ex.metrics})
+            rows.append(row)
+        progress.update(1)
+    return rows
+
+
+def _run_variant(ex: Experiment, v: Variant, base_algo: Algorithm, progress) -> List[Dict[str, Any]]:
+    algo = _variant_algorithm(ex, v)
     rows: List[Dict[str, Any]] = []
     spec = {**ex.testbed, **v.testbed}
+    if spec.get("kind") == "sequence":
+        return _run_sequence_variant(ex, v, algo, base_algo, progress)
     vectorise = (spec.get("policy", "table") == "table" and spec.get("kind") != "xu_synthetic"
                  and algo.components.reward.get("baseline") != "batch_norm"
                  and spec.get("reward_model", "true") == "true")
@@ -489,7 +668,7 @@ def _run_variant(ex: Experiment, v: Variant, base_algo: Algorithm, progress) -> 
             init = torch.cat([_init_logits(ex, tb, s) for s in seeds])
             policy = make_policy(tb.policy_kind, init, hidden=tb.hidden, seed=seeds[0],
                                  output_init_scale=float(spec.get("mlp_init_scale", 0.0)))
-        fn = _metric_fn(tb.bandit, tb.covered, target, base_target, S)
+        fn = _metric_fn(tb.bandit, tb.covered, target, base_target, S, _limit_or_none(algo, tb.bandit))
         records: List[Dict[str, Any]] = []
 
         def metrics(probs, fn=fn, records=records):
@@ -548,6 +727,21 @@ def _summarise(ex: Experiment, rows: List[Dict[str, Any]], variants: List[Varian
     return out
 
 
+def _target_lengths(ex: Experiment, summary: List[Dict[str, Any]], base_algo: Algorithm) -> None:
+    """Sequence testbeds measuring ``mean_length``: add the mean response length of each variant's own target and
+    of the base target (on the experiment's testbed) to its summary (NaN where there is no target)."""
+    if "mean_length" not in ex.metrics:
+        return
+    home = build_testbed(ex.testbed).bandit
+    base = _target_or_none(base_algo, home)
+    nan = float("nan")
+    for v, rec in zip(ex.variants, summary):
+        sb = build_testbed({**ex.testbed, **v.testbed}).bandit if v.testbed else home
+        own = _target_or_none(_variant_algorithm(ex, v), sb)
+        rec["mean_length_target"] = nan if own is None else float((own * sb.lengths).sum(-1).mean())
+        rec["mean_length_base_target"] = nan if base is None else float((base * home.lengths).sum(-1).mean())
+
+
 def _check_claims(ex: Experiment, summary: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     by = {s["variant"]: s for s in summary}
     out = []
@@ -594,7 +788,9 @@ def _write(ex: Experiment, rows, summary, claims, out_dir: Path, seconds: float)
         w.writeheader()
         w.writerows(summary)
     files.append(spath)
-    labels = {"tv_target": "TV to own target", "tv_base": "TV to base target", "kl_ref": "KL(π‖π_ref) (nats)",
+    labels = {"tv_target": "TV to own target", "tv_limit": "TV to own target at n → ∞",
+              "mean_length": "E_π|y| (tokens)",
+              "tv_base": "TV to base target", "kl_ref": "KL(π‖π_ref) (nats)",
               "reward": "E_π[r]", "uncovered_mass": "mass on uncovered responses",
               "max_uncovered": "max prob. of one uncovered response", "max_prob": "max_y π(y)",
               "loss": "training loss"}
@@ -643,6 +839,12 @@ def _write(ex: Experiment, rows, summary, claims, out_dir: Path, seconds: float)
     tb = ", ".join(f"{k} = {v}" for k, v in ex.testbed.items() if k not in ("pi_ref", "reward", "preference",
                                                                            "pairs"))
     lines += [f"- testbed: {tb}"]
+    if ex.testbed.get("kind") == "sequence":
+        sb = build_testbed(ex.testbed).bandit
+        ref_len = float((sb.pi_ref_seq * sb.lengths).sum(-1).mean())
+        lines.append(f"- sequence testbed: {sb.P} prompts, vocabulary {sb.V} (EOS = {sb.eos}), responses of at most "
+                     f"{sb.L} tokens: N = {sb.N} responses and {sb.states_per_prompt} states per prompt; "
+                     f"E_π_ref|y| = {ref_len:.4g} tokens; metrics over whole responses")
     for k in ("pi_ref", "reward", "pairs"):
         if k in ex.testbed:
             lines.append(f"- {k}: `{ex.testbed[k]}`")
@@ -663,6 +865,18 @@ def _write(ex: Experiment, rows, summary, claims, out_dir: Path, seconds: float)
     if tvs:
         lines += ["", f"Steps to ε: first logged step with the TV below ε = {ex.epsilon:g} (median over seeds; — = "
                   "not reached, or no such target)."]
+    if "mean_length_target" in summary[0]:
+        lines += ["", "## Response length (tokens, EOS counted)", "",
+                  "| variant | E_π\\|y\\| initial | E_π\\|y\\| final | own target | base target | "
+                  "final − base target |",
+                  "|---|---|---|---|---|---|"]
+        for s in summary:
+            drift = s["mean_length_final"] - s["mean_length_base_target"]
+            lines.append(f"| {s['variant']} | {_fmt(s['mean_length_initial'])} | {_fmt(s['mean_length_final'])} ± "
+                         f"{_fmt(s['mean_length_final_std'])} | {_fmt(s['mean_length_target'])} | "
+                         f"{_fmt(s['mean_length_base_target'])} | {'+' if drift > 0 else ''}{_fmt(drift)} |")
+        lines += ["", "Own target / base target: E|y| under the variant's derived sequence-level target and under the "
+                  "base composition's (— = no derived target)."]
     if claims:
         lines += ["", "## Claims checked", "", "| claim | measured | against | holds |", "|---|---|---|---|"]
         for c in claims:
@@ -715,6 +929,7 @@ def run_experiment(ex: Experiment, out_dir=None, *, progress: bool = True, steps
         torch.set_num_threads(threads)
     seconds = time.perf_counter() - t0
     summary = _summarise(ex, rows, ex.variants)
+    _target_lengths(ex, summary, base_algo)
     claims = _check_claims(ex, summary)
     files = _write(ex, rows, summary, claims, out, seconds)
     return ExperimentResult(ex, rows, summary, claims, files, seconds)

@@ -14,7 +14,7 @@ from .components import reward as reward_mod
 from .components.target import DerivedTarget, derive
 from .config import apply_overrides, build_components, read_algorithm_file
 from .errors import InputError, TargetError
-from .loss import LossOutput, pair_loss, sample_loss
+from .loss import LossOutput, estimate, pair_loss, sample_loss
 
 __all__ = ["Algorithm", "load"]
 
@@ -69,6 +69,26 @@ class Algorithm:
         fn = pair_loss if self.pair_based else sample_loss
         return fn(self.components, batch)
 
+    def estimate(self, batch: SampleBatch) -> SampleBatch:
+        """The reward estimate of a whole optimizer batch: advantages (and GAE returns), before any split.
+
+        :meth:`loss` calls it when ``batch.advantages`` is ``None``; call it yourself before
+        :meth:`SampleBatch.split` when accumulating micro-batches (group baselines need whole groups).
+
+        Args:
+            batch: a :class:`SampleBatch` (``explicit`` reward compositions).
+        Returns:
+            A copy with ``advantages`` ``(B, T)`` (and ``returns`` for ``gae``) set; ``batch`` itself unchanged.
+        Raises:
+            InputError: not an ``explicit``-reward composition, or a batch that fails validation.
+        """
+        if self.pair_based or self.components.reward.kind != "explicit":
+            raise InputError(f"{self.name}: only 'explicit'-reward compositions estimate advantages (reward kind "
+                             f"{self.components.reward.kind!r})")
+        if not isinstance(batch, SampleBatch):
+            raise InputError(f"{self.name} consumes SampleBatch, got {type(batch).__name__}")
+        return estimate(self.components, batch.validate())
+
     # -------------------------------------------------------------------------------------- target
     def derived_target(self) -> DerivedTarget:
         """What this composition converges to (kind, formula, and a note where it differs from the declared)."""
@@ -84,7 +104,8 @@ class Algorithm:
         Returns:
             ``(P, K)`` float64 tensor, rows summing to 1.
         Raises:
-            TargetError: the composition has no unique target there (hinge margins, partial coverage,
+            TargetError: the composition has no unique target there (hinge margins or the hinge LP's optimal
+                face, partial coverage,
                 deterministic labels for a logistic link, a reward the bandit lacks).
         """
         t = self.derived_target()
@@ -115,7 +136,9 @@ class Algorithm:
     def summary(self) -> str:
         """One line: the four components and the derived target kind."""
         c = self.components
-        return (f"target={c.target.kind} source={c.source.kind} reward={c.reward.describe()} "
+        agg = c.source.get("aggregation")
+        source = c.source.kind + (f"({agg})" if agg else "")
+        return (f"target={c.target.kind} source={source} reward={c.reward.describe()} "
                 f"reference={c.reference.kind} -> converges to {self.derived_target().kind}")
 
     def __repr__(self) -> str:

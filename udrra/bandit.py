@@ -220,7 +220,8 @@ def make_batch(algorithm, bandit: Bandit, ib: source_mod.IndexBatch, logits: Ten
     return SampleBatch(
         logps=logps, old_logps=old, ref_logps=response_logps(ref_logits, ib.prompt, ib.first).detach(),
         rewards=r[ib.prompt, ib.first], group=ib.group, weights=ib.weights,
-        lengths=torch.ones_like(ib.weights), greedy_rewards=greedy, log_partition=log_z, population=ib.population)
+        greedy_rewards=greedy, log_partition=log_z, population=ib.population,
+        group_size=algorithm.components.source.get("n") if ib.population else None)
 
 
 def bandit_batch(algorithm, bandit: Bandit, logits: Tensor, ref_logits: Tensor, *, exact: bool,
@@ -228,3 +229,48 @@ def bandit_batch(algorithm, bandit: Bandit, logits: Tensor, ref_logits: Tensor, 
     """One batch for ``algorithm`` on ``bandit``: source → indices → log-probs → Pair/SampleBatch."""
     ib = draw_indices(algorithm, bandit, logits, exact=exact, batch_size=batch_size, generator=generator)
     return make_batch(algorithm, bandit, ib, logits, ref_logits)
+
+
+class BanditProducer:
+    """The bandit's sample source for :func:`udrra.loop.fit` (see :mod:`udrra.loop`).
+
+    ``collect`` draws the step's (prompt, response) indices from the algorithm's ``[source]`` (the exact
+    population, or a sampled mini-batch) under the current policy and builds the batch without gradient
+    (old-policy log-probs, reference log-probs, rewards, greedy rewards, the critic's rollout values);
+    ``attach`` rebuilds the same rows with the current policy's log-probs (and critic values) with gradient.
+
+    Args:
+        algorithm: a loaded :class:`udrra.Algorithm`. bandit: the :class:`Bandit`.
+        policy, reference: modules whose ``forward()`` gives ``(P, K)`` logits (reference: log π_ref).
+        critic: a :class:`~udrra.policy.TableCritic` over the P prompts, for ``gae`` (else ``None``).
+        exact: enumerate the population instead of sampling. batch_size: pairs or samples per prompt.
+        generator: the sampling RNG.
+    """
+
+    def __init__(self, algorithm, bandit: Bandit, policy, reference, critic=None, *, exact: bool,
+                 batch_size: int = 64, generator: Optional[torch.Generator] = None):
+        self.algorithm, self.bandit, self.policy, self.reference, self.critic = algorithm, bandit, policy, \
+            reference, critic
+        self.exact, self.batch_size, self.generator = exact, batch_size, generator
+        self._rows: Optional[source_mod.IndexBatch] = None
+        self._old: Optional[Tensor] = None
+
+    @torch.no_grad()
+    def collect(self):
+        logits, ref_logits = self.policy().detach(), self.reference().detach()
+        self._rows = draw_indices(self.algorithm, self.bandit, logits, exact=self.exact,
+                                  batch_size=self.batch_size, generator=self.generator)
+        self._old = logits
+        batch = make_batch(self.algorithm, self.bandit, self._rows, logits, ref_logits)
+        if self.critic is not None:
+            batch.old_values = self.critic().detach()[self._rows.prompt][:, None]
+        return batch
+
+    def attach(self, batch):
+        logits = self.policy()
+        fresh = make_batch(self.algorithm, self.bandit, self._rows, logits, self.reference().detach(),
+                           old_logits=self._old)
+        if isinstance(fresh, PairBatch):
+            return fresh
+        values = None if self.critic is None else self.critic()[self._rows.prompt][:, None]
+        return batch.with_logps(fresh.logps, values)

@@ -16,6 +16,9 @@ from typing import Dict, List, Optional
 from .errors import UdrraError
 
 DEFAULT_P, DEFAULT_K = 3, 5
+#: the default sequence testbed (``udrra verify --testbed sequence``): 2 prompts, V = 3 (EOS + 2 tokens), L = 3,
+#: i.e. 15 responses and 7 states per prompt (the whole catalog verifies in ~10 s on one core)
+DEFAULT_SEQ_P, DEFAULT_VOCAB, DEFAULT_MAX_LEN = 2, 3, 3
 
 
 def _overrides(pairs: Optional[List[str]]) -> Dict[str, str]:
@@ -48,8 +51,68 @@ def cmd_show(args) -> int:
     return 0
 
 
+def _result_line(name: str, res, w_name: int, w_kind: int) -> str:
+    """One verify result: TV and KL to the target, or for a set-valued (hinge) target the number it is judged on."""
+    status = "ok  " if res.passed else "FAIL"
+    head = f"{status} {name:{w_name}s} {res.target_kind:{w_kind}s}"
+    if res.target is None:
+        what = "objective gap" if res.target_kind == "hinge_lp" else "margin violation"
+        return f"{head} {what} {res.margin_violation:.1e} (tol {res.tolerance:.0e})  steps {res.steps}"
+    return f"{head} TV {res.tv:.1e} (tol {res.tolerance:.0e})  KL {res.kl:.1e}  steps {res.steps}"
+
+
 def _fmt_row(xs) -> str:
     return " ".join(f"{x:.4f}" for x in xs)
+
+
+def _response_text(y, eos: int) -> str:
+    """A response as letters, EOS as '$' (V = 3: (0, 1, 2) -> 'ab$')."""
+    return "".join("$" if t == eos else chr(ord("a") + t) if t < 26 else f"<{t}>" for t in y)
+
+
+def _verify_sequence(args, algos) -> int:
+    """``udrra verify --testbed sequence``: the exact sequence testbed (udrra.sequence)."""
+    from . import SequenceBandit, verify
+    import torch
+    P = DEFAULT_SEQ_P if args.prompts is None else args.prompts
+    sb = SequenceBandit.random(P=P, vocab=args.vocab, max_len=args.max_len, seed=args.seed)
+    torch.set_num_threads(1)
+    responses = sb.responses(0)
+    failed = skipped = 0
+    t0 = time.perf_counter()
+    if not args.json:
+        mode = "sampled mini-batches" if args.sampled else "exact population loss"
+        print(f"sequence testbed: P={P} prompts, vocab V={sb.V} (EOS = {sb.eos}), max_len L={sb.L}: N={sb.N} "
+              f"responses and S={sb.states_per_prompt} states per prompt, seed {args.seed}; {mode}")
+        print("       responses  " + " ".join(f"{_response_text(y, sb.eos):>6s}" for y in responses))
+    for algo in algos:
+        res = verify(algo, sb, exact=not args.sampled, seed=args.seed, steps=args.steps)
+        none = res.target_kind == "none"
+        skipped += none
+        failed += not none and not res.passed
+        if args.json:
+            obj = res.to_json()
+            obj["testbed"] = {"kind": "sequence", "prompts": P, "vocab": sb.V, "max_len": sb.L, "eos": sb.eos,
+                              "seed": args.seed}
+            obj["prompts"] = [{"responses": [list(y) for y in responses], "pi_ref": sb.pi_ref_seq[p].tolist(),
+                               "reward": sb.reward[p].tolist(),
+                               "target": None if res.target is None else res.target[p].tolist(),
+                               "learned": res.learned[p].tolist()} for p in range(P)]
+            print(json.dumps(obj))
+            continue
+        if none:
+            print(f"none {algo.name:13s} no target on sequences: {res.note}")
+            continue
+        print(_result_line(algo.name, res, 13, 21))
+        for p in range(P):
+            if res.target is not None:
+                print(f"       x{p} target  " + " ".join(f"{x:6.4f}" for x in res.target[p].tolist()))
+            print(f"       x{p} learned " + " ".join(f"{x:6.4f}" for x in res.learned[p].tolist()))
+    if not args.json:
+        done = len(algos) - skipped
+        print(f"{done - failed}/{done} reached their target, {skipped} without a derived target "
+              f"({time.perf_counter() - t0:.1f} s)")
+    return 1 if failed else 0
 
 
 def cmd_verify(args) -> int:
@@ -58,6 +121,10 @@ def cmd_verify(args) -> int:
         raise UdrraError("give algorithm names/paths or --all (not both)")
     names = catalog_names() if args.all else args.algorithms
     algos = [load(n, _overrides(args.overrides)) for n in names]  # validate everything before training
+    if args.testbed == "sequence":
+        return _verify_sequence(args, algos)
+    if args.prompts is None:
+        args.prompts = DEFAULT_P
     bandit = Bandit.random(P=args.prompts, K=args.responses, seed=args.seed)
     # bandit tensors are tiny: one thread avoids OpenMP synchronisation on every op (much slower on a busy machine)
     import torch
@@ -73,13 +140,7 @@ def cmd_verify(args) -> int:
         if args.json:
             print(json.dumps(res.to_json()))
             continue
-        status = "ok  " if res.passed else "FAIL"
-        if res.target is None:
-            print(f"{status} {algo.name:12s} {res.target_kind:15s} margin violation {res.margin_violation:.1e} "
-                  f"(tol {res.tolerance:.0e})  steps {res.steps}")
-        else:
-            print(f"{status} {algo.name:12s} {res.target_kind:15s} TV {res.tv:.1e} (tol {res.tolerance:.0e})  "
-                  f"KL {res.kl:.1e}  steps {res.steps}")
+        print(_result_line(algo.name, res, 12, 15))
         for p in range(res.learned.shape[0]):
             if res.target is not None:
                 print(f"       x{p} target  {_fmt_row(res.target[p].tolist())}")
@@ -142,8 +203,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampled", action="store_true", help="sampled mini-batches instead of the exact population loss")
     p.add_argument("--seed", type=int, default=0, help="bandit and sampler seed (default 0)")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps per round (default 3000 exact, 1000 sampled)")
-    p.add_argument("--prompts", type=int, default=DEFAULT_P, help=f"bandit prompts P (default {DEFAULT_P})")
-    p.add_argument("--responses", type=int, default=DEFAULT_K, help=f"responses per prompt K (default {DEFAULT_K})")
+    p.add_argument("--prompts", type=int, default=None,
+                   help=f"prompts P (default {DEFAULT_P} on the bandit, {DEFAULT_SEQ_P} on the sequence testbed)")
+    p.add_argument("--responses", type=int, default=DEFAULT_K,
+                   help=f"bandit responses per prompt K (default {DEFAULT_K})")
+    p.add_argument("--testbed", choices=("bandit", "sequence"), default="bandit",
+                   help="'bandit': one-token contextual bandit (default); 'sequence': autoregressive table policies "
+                        "over whole responses of up to --max-len tokens (udrra.SequenceBandit); compositions without "
+                        "a derived sequence target are listed as 'none' (a skip, not a failure)")
+    p.add_argument("--vocab", type=int, default=DEFAULT_VOCAB,
+                   help=f"sequence testbed: vocabulary size V, EOS = V − 1 (default {DEFAULT_VOCAB})")
+    p.add_argument("--max-len", type=int, default=DEFAULT_MAX_LEN,
+                   help=f"sequence testbed: maximum response length L (default {DEFAULT_MAX_LEN})")
     _add_set(p)
     p.set_defaults(func=cmd_verify)
 

@@ -203,11 +203,36 @@ def _check_composition(c: Dict[str, Component], display: str) -> Dict[str, Compo
         raise ConfigError(f"{display}: [target] kind 'argmax' has beta = 0, but [reference] kind {ref.kind!r} "
                           "needs beta > 0; use [reference] kind 'none' for no regularisation")
     if s.kind != "on_policy" or rw.kind != "explicit":
-        if s.get("clip") is not None or (s.get("epochs") or 1) != 1:
-            raise ConfigError(f"{display}: [source] clip/epochs only apply to an 'on_policy' source with an "
-                              "'explicit' reward (PPO-style sample reuse)")
-    if rw.kind == "explicit" and rw["baseline"] == "leave_one_out" and s["n"] < 2:
-        raise ConfigError(f"{display}: [reward] baseline 'leave_one_out' needs [source] n >= 2 samples per prompt")
-    if rw.kind == "explicit" and rw["baseline"] == "group_norm" and s["n"] < 2:
-        raise ConfigError(f"{display}: [reward] baseline 'group_norm' needs [source] n >= 2 samples per prompt")
+        if any(s.get(k) is not None for k in ("clip", "clip_high", "dual_clip")) or (s.get("epochs") or 1) != 1:
+            raise ConfigError(f"{display}: [source] clip/clip_high/dual_clip/epochs only apply to an 'on_policy' "
+                              "source with an 'explicit' reward (PPO-style sample reuse)")
+    if s.get("clip") is None and (s.get("clip_high") is not None or s.get("dual_clip") is not None):
+        raise ConfigError(f"{display}: [source] clip_high and dual_clip refine the ratio clip: set [source] clip "
+                          "(ε_low, e.g. 0.2) too")
+    if rw.kind == "explicit":
+        c["reward"] = _check_explicit(rw, s, ref, display)
     return c
+
+
+def _check_explicit(rw: Component, s: Component, ref: Component, display: str) -> Component:
+    """Group sizes a baseline needs, and the ``gae``-only parameters (defaults filled in for ``gae``)."""
+    baseline = rw["baseline"]
+    spec = reward_mod.BASELINE_TABLE.get(baseline)
+    if spec is not None and s["n"] < spec.min_group:
+        raise ConfigError(f"{display}: [reward] baseline {baseline!r} needs [source] n >= {spec.min_group} samples "
+                          f"per prompt, got n = {s['n']}")
+    given = {k for k in reward_mod.GAE_PARAMS if rw.get(k) is not None}
+    if baseline != reward_mod.GAE:
+        if given:
+            raise ConfigError(f"{display}: [reward] {', '.join(sorted(given))} only apply to baseline 'gae' (a "
+                              f"learned critic), not {baseline!r}")
+        return rw
+    if ref.kind == "kl_in_reward" and ref.get("kl_return") == "token":
+        raise ConfigError(f"{display}: [reference] kl_return = 'token' (a non-cumulative per-token KL return) does "
+                          "not apply to baseline 'gae', whose returns are the discounted sums of the per-token "
+                          "rewards; valid with 'gae': kl_return = 'sequence'")
+    params = dict(rw.params)
+    for k, default in reward_mod.GAE_PARAMS.items():
+        if params.get(k) is None:
+            params[k] = default
+    return Component("reward", rw.kind, params)

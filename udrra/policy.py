@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .errors import InputError
 
-__all__ = ["TablePolicy", "MLPPolicy", "POLICY_KINDS", "make_policy"]
+__all__ = ["TablePolicy", "TableCritic", "MLPPolicy", "POLICY_KINDS", "make_policy"]
 
 POLICY_KINDS = ("table", "mlp")
 
@@ -35,6 +35,25 @@ class TablePolicy(nn.Module):
     def forward(self) -> Tensor:
         """``(P, K)`` float64 logits."""
         return self.logits
+
+
+class TableCritic(nn.Module):
+    """A table value function: one free value per state (V(x) on the one-token bandit: ``states = P``).
+
+    The critic of the ``gae`` reward estimate on the testbeds, trained through the same clipped value loss as an
+    LM's value head.
+
+    Args:
+        states: number of states. init: starting value of every state (default 0).
+    """
+
+    def __init__(self, states: int, init: float = 0.0):
+        super().__init__()
+        self.values = nn.Parameter(torch.full((states,), float(init), dtype=torch.float64))
+
+    def forward(self) -> Tensor:
+        """``(states,)`` float64 values."""
+        return self.values
 
 
 class MLPPolicy(nn.Module):

@@ -20,6 +20,9 @@ PROOFS: Dict[str, Tuple[str, str]] = {
                        "population DPO loss (Bradley–Terry labels, full-support μ) is stationary at π_ref·exp(r/β)/Z"),
     "dpo_pg": ("proofs/policy_gradient.py::dpo_gradient_is_weighted_policy_gradient",
                "∇ℓ_DPO = −β·σ(r̂_l − r̂_w)·(∇log π(y_w) − ∇log π(y_l)) (DeepSeekMath Eq. 14)"),
+    "unregularised": ("proofs/policy_gradient.py::unregularised_gradient_is_mass_times_advantage",
+                      "without a KL term ∂E_π[r]/∂θ_y = π_y·(r_y − E_π r): only vertices are stationary, argmax r "
+                      "is the one ascent keeps"),
     "baseline": ("proofs/policy_gradient.py::score_function_baseline_invariance",
                  "a response-independent baseline leaves the policy gradient E_π[(R − b)·∇log π] = ∇E_π[R]"),
     "ipo": ("proofs/ipo.py::ipo_stationary_at_psi_target",
@@ -79,6 +82,9 @@ def _keys(algorithm) -> Tuple[List[str], Optional[str]]:
     if rw.kind == "preference":
         link = rw["link"]
         if link == "hinge":
+            if derived.kind == "hinge_lp":
+                return [], ("stochastic labels: the target is the optimal face of a linear program, checked "
+                            "numerically (scipy linprog); the symbolic hinge proof covers deterministic labels only")
             keys = ["hinge"]
         elif link == "squared":
             keys = ["ipo", "ipo_two_arm"]
@@ -114,7 +120,7 @@ def _keys(algorithm) -> Tuple[List[str], Optional[str]]:
         if normalised:
             return ["k3_loss", "grpo", "grpo_objective", "grpo_norm"], None
         return ["k3_loss", "grpo_mean_only"] + extra, None
-    return [], "unregularised: the target is argmax r, nothing to prove beyond it"
+    return ["unregularised"] + extra, None
 
 
 def proofs_for(algorithm) -> List[Tuple[str, str]]:

@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .bandit import Bandit, draw_indices, make_batch
+from .bandit import Bandit, BanditProducer
 from .errors import InputError
 
 __all__ = ["VerifyResult", "verify", "train", "total_variation", "EXACT_TOL", "SAMPLED_TOL", "OPTIMIZERS"]
 
 EXACT_TOL = 1e-4
 SAMPLED_TOL = 2e-2
+#: Adam's initial steps, in β·u units, of the stages that continue an exact hinge run stalled on a kink (verify)
+HINGE_POLISH_STEPS = (0.08, 0.02, 0.005, 0.00125)
 
 
 @dataclass
@@ -30,16 +32,22 @@ class VerifyResult:
 
     Attributes:
         algorithm: the algorithm's name.
-        target: ``(P, K)`` float64 analytic target (``None`` for a ``margin`` target).
+        target: ``(P, K)`` float64 analytic target (``None`` for the hinge targets ``margin`` and ``hinge_lp``).
         learned: ``(P, K)`` float64 trained policy.
-        tv: max over prompts of total variation ½·Σ_y |learned − target| (NaN for ``margin``).
-        kl: max over prompts of KL(target ‖ learned) in nats (NaN for ``margin``).
+        tv: max over prompts of total variation ½·Σ_y |learned − target| (NaN for hinge targets).
+        kl: max over prompts of KL(target ‖ learned) in nats (NaN for hinge targets).
         steps: optimiser steps taken.
         history: per-logged-step dicts with ``step``, ``loss`` and ``tv``.
         tolerance: the tolerance ``passed`` was judged against.
-        passed: tv < tolerance (or, for ``margin``, margin_violation < tolerance).
+        passed: tv < tolerance (or, for hinge targets, margin_violation < tolerance).
         target_kind, note: the derived target kind and why it differs from the declared one, if it does.
-        margin_violation: for ``margin`` targets, max over covered pairs of max(0, 1/β − h)·β (relative).
+        margin_violation: for targets without a unique distribution (the hinge link): for ``margin`` (deterministic
+            labels that admit every margin), max over covered pairs of max(0, c − β·h)/c, c = 1 + γ; for
+            ``hinge_lp`` (stochastic labels), and for ``margin`` when ties or cycles make the margins unreachable,
+            the objective gap below (what ``passed`` is judged on).
+        objective_gap: hinge targets: max over prompts of F(learned) − min F, the excess of the learned policy's
+            population hinge objective over its linear-program optimum (0 exactly on the target set).
+        lp_optimum: hinge targets: max over prompts of min F (0 when every covered pair can reach its margin).
     """
 
     algorithm: str
@@ -54,6 +62,8 @@ class VerifyResult:
     target_kind: str = ""
     note: Optional[str] = None
     margin_violation: Optional[float] = None
+    objective_gap: Optional[float] = None
+    lp_optimum: Optional[float] = None
 
     def to_json(self) -> dict:
         """JSON-ready dict with keys algorithm, target, learned, tv, kl, steps (+ passed, tolerance, kinds)."""
@@ -63,7 +73,8 @@ class VerifyResult:
                 "target": None if self.target is None else self.target.tolist(),
                 "learned": self.learned.tolist(), "tv": num(self.tv), "kl": num(self.kl), "steps": self.steps,
                 "passed": self.passed, "tolerance": self.tolerance, "target_kind": self.target_kind,
-                "margin_violation": self.margin_violation, "note": self.note}
+                "margin_violation": self.margin_violation, "objective_gap": self.objective_gap,
+                "lp_optimum": self.lp_optimum, "note": self.note}
 
 
 def total_variation(p: Tensor, q: Tensor) -> Tensor:
@@ -78,25 +89,42 @@ def _kl(p: Tensor, q: Tensor) -> Tensor:
 
 
 def _margin_violation(algorithm, bandit: Bandit, probs: Tensor) -> float:
-    """max over pairs the data can hold, ordered as labelled, of β·max(0, 1/β − h)."""
-    from .components.source import pair_labels
-    beta = algorithm.beta
-    src = algorithm.components.source
-    u = torch.log(probs) - bandit.log_pi_ref
-    P, K = probs.shape
-    worst = 0.0
-    for p in range(P):
-        for i in range(K):
-            for j in range(K):
-                if i == j or bandit.pair_distribution[p, i, j] + bandit.pair_distribution[p, j, i] <= 0:
-                    continue
-                q = float(pair_labels(src, bandit, torch.tensor([p]), torch.tensor([i]), torch.tensor([j]))[0])
-                if q > 0.5:
-                    worst = max(worst, beta * max(0.0, 1.0 / beta - float(u[p, i] - u[p, j])))
-    return worst
+    """max over covered pairs, ordered as labelled (q > ½), of max(0, c − β·h), c = 1 + γ (relative to the margin).
+
+    h = u(y_w) − u(y_l) with u = log π − log π_ref (log π without a reference), averaged over the rounds when the
+    reference is reset each round (every round adds a margin)."""
+    from .components.target import hinge_problem
+    x, M, Q, c = hinge_problem(algorithm.components, bandit, probs)
+    d = x[:, :, None] - x[:, None, :]
+    covered = (M + M.transpose(1, 2)) > 0
+    short = torch.where(covered & (Q > 0.5), torch.relu(c - d) / c, torch.zeros_like(d))
+    return float(short.max())
+
+
+def _hinge_check(algorithm, bandit: Bandit, probs: Tensor, derived, tolerance: float):
+    """(passed, margin_violation, objective_gap, lp_optimum) for a hinge target (no unique distribution).
+
+    ``margin`` (deterministic labels): every covered pair must reach its margin, if the labels allow it (LP optimum
+    0); otherwise, and for ``hinge_lp``, the learned policy's population hinge objective must attain the LP optimum.
+    """
+    from .components.target import hinge_gap
+    gap_p, opt_p = hinge_gap(algorithm.components, bandit, probs)
+    gap, opt = float(gap_p.max()), float(opt_p.max())
+    if derived.kind == "margin" and opt <= 1e-9:
+        viol = _margin_violation(algorithm, bandit, probs)
+        return viol < tolerance, viol, gap, opt
+    return gap < tolerance, gap, gap, opt
 
 
 OPTIMIZERS = ("rprop", "adam", "sgd")
+
+
+def _make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    if name == "rprop":
+        return torch.optim.Rprop(params, lr=lr, step_sizes=(1e-12, 5.0))
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    return torch.optim.SGD(params, lr=lr)
 
 
 def train(algorithm, bandit: Bandit, *, exact: bool = True, steps: Optional[int] = None, seed: int = 0,
@@ -105,11 +133,18 @@ def train(algorithm, bandit: Bandit, *, exact: bool = True, steps: Optional[int]
           optimizer: Optional[str] = None, lr_decay: Optional[bool] = None, average: Optional[bool] = None,
           early_stop: Optional[bool] = None, metrics: Optional[Callable[[Tensor], Dict[str, float]]] = None,
           loss_scale: float = 1.0):
-    """Train a bandit policy on ``bandit`` through ``algorithm``'s derived loss.
+    """Train a bandit policy on ``bandit`` through ``algorithm``'s derived loss, with :func:`udrra.loop.fit`.
 
-    The generic loop: source → log-probs → loss → optimiser step → reference update. Exact mode runs Rprop on
-    the population loss (sign-based steps suit its deterministic gradients and reach 1e-12 precision); sampled
-    mode runs Adam with a 1/√t learning-rate decay and averages the policy over the second half of training.
+    The generic loop (the one the LM trainer runs): source → reward estimate → log-probs → loss → optimiser step
+    → reference update (:class:`udrra.loop.ReferenceUpdate`: frozen, EMA of the reference table's logits, or a
+    reset every ``[reference] every`` steps). Exact mode runs Rprop on the population loss (sign-based steps suit
+    its deterministic gradients and reach 1e-12 precision); sampled mode runs Adam with a 1/√t learning-rate decay
+    and averages the policy over the second half of each round. ``gae`` compositions train a
+    :class:`~udrra.policy.TableCritic` V(x) jointly, through the same value loss.
+
+    With ``update = "reset_every"`` a round is ``every`` optimiser steps and the run has ``rounds`` of them (the
+    number of resets the derived target assumes); an exact round that has converged ends early (its reset comes
+    then).
 
     Args: as :func:`verify`, and
         target: ``(P, K)`` (optional) adds TV to the logged history.
@@ -127,7 +162,83 @@ def train(algorithm, bandit: Bandit, *, exact: bool = True, steps: Optional[int]
     Raises:
         InputError: ``steps`` < 1, or an unknown optimizer.
     """
-    from .policy import TablePolicy
+    from .sequence import SequenceBandit, train_sequence
+    if isinstance(bandit, SequenceBandit):                  # the sequence testbed: its own producer and policy
+        if policy is not None or loss_scale != 1.0:
+            raise InputError("train on a SequenceBandit takes no policy or loss_scale (its policy is a table over "
+                             "the prefix states)")
+        return train_sequence(algorithm, bandit, exact=exact, steps=steps, seed=seed, lr=lr, batch_size=batch_size,
+                              init_logits=init_logits, log_every=log_every, target=target, optimizer=optimizer,
+                              lr_decay=lr_decay, average=average, early_stop=early_stop, metrics=metrics)
+    from .policy import TableCritic, TablePolicy
+    if policy is None:
+        start = bandit.log_pi_ref if init_logits is None else \
+            bandit.log_pi_ref + torch.as_tensor(init_logits, dtype=torch.float64)
+        policy = TablePolicy(start)
+    critic = TableCritic(bandit.shape[0]) if algorithm.components.reward.get("baseline") == "gae" else None
+    reference = TablePolicy(bandit.log_pi_ref)
+
+    def set_average(final: Tensor) -> None:
+        if isinstance(policy, TablePolicy):
+            with torch.no_grad():
+                policy.logits.copy_(torch.log(final))
+    world = World(policy, reference, critic,
+                  BanditProducer(algorithm, bandit, policy, reference, critic, exact=exact, batch_size=batch_size,
+                                 generator=torch.Generator().manual_seed(seed)),
+                  probs_of=lambda logits: torch.softmax(logits, -1), set_average=set_average)
+    return run_rounds(algorithm, world, exact=exact, steps=steps, lr=lr, optimizer=optimizer, lr_decay=lr_decay,
+                      average=average, early_stop=early_stop, log_every=log_every, target=target, metrics=metrics,
+                      loss_scale=loss_scale)
+
+
+@dataclass
+class World:
+    """What a testbed hands :func:`run_rounds`: its modules, its sample source, and how to read the policy.
+
+    Attributes:
+        policy, reference: table modules whose ``forward()`` gives logits (the reference: log π_ref).
+        critic: a :class:`~udrra.policy.TableCritic` for ``gae`` compositions, else ``None``.
+        producer: the testbed's :class:`udrra.loop.Producer`.
+        probs_of: policy logits → ``(P, N)`` probabilities of whole responses.
+        set_average: writes an averaged ``(P, N)`` policy back into ``policy`` (sampled mode's second-half average).
+        recenter: re-centre each state's logits after every step (a no-op on π; see :mod:`udrra.sequence`).
+    """
+
+    policy: torch.nn.Module
+    reference: torch.nn.Module
+    critic: Optional[torch.nn.Module]
+    producer: object
+    probs_of: Callable[[Tensor], Tensor]
+    set_average: Callable[[Tensor], None]
+    recenter: bool = False
+
+
+class _RoundOptimizer:
+    """The optimizer :func:`udrra.loop.fit` steps: a fresh one per reference round, as a fresh training run."""
+
+    def __init__(self, name: str, params, lr: float):
+        self.name, self.params, self.lr, self.current = name, params, lr, None
+
+    def new_round(self) -> None:
+        self.current = _make_optimizer(self.name, self.params, self.lr)
+
+    def zero_grad(self) -> None:
+        self.current.zero_grad()
+
+    def step(self) -> None:
+        self.current.step()
+
+
+def run_rounds(algorithm, world: World, *, exact: bool, steps: Optional[int] = None, lr: Optional[float] = None,
+               optimizer: Optional[str] = None, lr_decay: Optional[bool] = None, average: Optional[bool] = None,
+               early_stop: Optional[bool] = None, log_every: int = 50, target: Optional[Tensor] = None,
+               metrics: Optional[Callable[[Tensor], Dict[str, float]]] = None, loss_scale: float = 1.0):
+    """The testbeds' training schedule around :func:`udrra.loop.fit` (the one step loop): rounds of ``every``
+    steps for ``reset_every`` (``rounds`` of them) or one round of ``steps``; a fresh optimiser each round; Rprop
+    and an early stop once the logits move < 1e-11 for 5 steps when exact; Adam, a 1/√t decay and the average of
+    the round's second half when sampled. Arguments as :func:`train`. Returns ``(learned, steps taken, history)``.
+    """
+    from .loop import ReferenceUpdate, fit
     if steps is not None and steps < 1:
         raise InputError(f"steps must be >= 1, got {steps}")
     if optimizer is not None and optimizer not in OPTIMIZERS:
@@ -137,76 +248,64 @@ def train(algorithm, bandit: Bandit, *, exact: bool = True, steps: Optional[int]
     lr_decay = (default_opt and not exact) if lr_decay is None else lr_decay
     average = (not exact) if average is None else average
     early_stop = exact if early_stop is None else early_stop
-    steps = steps or (3000 if exact else 1000)
     lr = lr or (0.05 if exact else 0.1)
-    ref_comp = algorithm.components.reference
-    update = ref_comp.get("update", "frozen")
-    rounds = int(ref_comp.get("rounds") or 1) if update == "reset_every" else 1
+    update = ReferenceUpdate.of(algorithm.components.reference)
+    rounds = int(algorithm.components.reference["rounds"]) if update.rule == "reset_every" else 1
+    round_len = int(update.every) if update.rule == "reset_every" else (steps or (3000 if exact else 1000))
     epochs = 1 if exact else int(algorithm.components.source.get("epochs") or 1)
-    gen = torch.Generator().manual_seed(seed)
-
-    ref_logits = bandit.log_pi_ref.clone()
-    if policy is None:
-        start = ref_logits.clone() if init_logits is None else \
-            ref_logits + torch.as_tensor(init_logits, dtype=torch.float64)
-        policy = TablePolicy(start)
-    params = [p for p in policy.parameters() if p.requires_grad]
+    policy = world.policy
+    params = [p for p in policy.parameters() if p.requires_grad] + \
+        ([] if world.critic is None else list(world.critic.parameters()))
+    opt = _RoundOptimizer(optimizer, params, lr)
     history: List[Dict[str, float]] = []
-    total = 0
-    final = None
-    for rnd in range(rounds):
-        if optimizer == "rprop":
-            opt = torch.optim.Rprop(params, lr=lr, step_sizes=(1e-12, 5.0))
-        elif optimizer == "adam":
-            opt = torch.optim.Adam(params, lr=lr)
-        else:
-            opt = torch.optim.SGD(params, lr=lr)
-        avg = None
-        n_avg = 0
-        still = 0
-        for step in range(steps):
-            if lr_decay:
-                for g in opt.param_groups:
-                    g["lr"] = lr / math.sqrt(1.0 + step / 50.0)
-            logits = policy()
-            ib = draw_indices(algorithm, bandit, logits, exact=exact, batch_size=batch_size, generator=gen)
-            old = logits.detach().clone()
-            for epoch in range(epochs):
-                if epoch:
-                    logits = policy()
-                batch = make_batch(algorithm, bandit, ib, logits, ref_logits, old_logits=old if epochs > 1 else None)
-                out = algorithm.loss(batch)
-                opt.zero_grad()
-                (out.loss * loss_scale if loss_scale != 1.0 else out.loss).backward()
-                opt.step()
-            total += 1
-            with torch.no_grad():
-                now = policy().detach()
-            if update == "ema":
-                decay = float(ref_comp["decay"])
-                ref_logits = decay * ref_logits + (1 - decay) * torch.log_softmax(now, -1)
-            moved = float((now - old).abs().max())
-            probs = torch.softmax(now, -1)
-            if average and step >= steps // 2:
-                avg = probs if avg is None else avg + probs
-                n_avg += 1
-            if step % log_every == 0 or step == steps - 1:
-                rec = {"step": total, "round": rnd, "loss": float(out.loss.detach())}
-                if target is not None and rnd == rounds - 1:
-                    rec["tv"] = float(total_variation(probs, target).max())
-                if metrics is not None:
-                    rec.update(metrics(probs))
-                history.append(rec)
-            still = still + 1 if moved < 1e-11 else 0  # Rprop skips one update after each sign flip
-            if early_stop and still >= 5:
-                break
-        final = torch.softmax(policy().detach(), -1) if avg is None else avg / n_avg
-        if avg is not None and isinstance(policy, TablePolicy):
-            with torch.no_grad():
-                policy.logits.copy_(torch.log(final))
-        if update == "reset_every" and rnd < rounds - 1:
-            ref_logits = torch.log(final).clone()
-    return final, total, history
+    state = {"prev": policy().detach().clone(), "still": 0, "avg": None, "n_avg": 0, "final": None, "taken": 0}
+
+    def before(step: int) -> None:
+        k = (step - 1) % round_len
+        if k == 0:                              # a new round: fresh optimiser state, as a fresh training run
+            opt.new_round()
+            state.update(avg=None, n_avg=0, still=0)
+        if lr_decay:
+            for g in opt.current.param_groups:
+                g["lr"] = lr / math.sqrt(1.0 + k / 50.0)
+
+    def after(step: int, out) -> bool:
+        rnd, k = (step - 1) // round_len, (step - 1) % round_len
+        state["taken"] += 1
+        with torch.no_grad():
+            if world.recenter:
+                policy.logits.sub_(policy.logits.mean(-1, keepdim=True))
+            now = policy().detach()
+        moved = float((now - state["prev"]).abs().max())
+        state["prev"] = now.clone()
+        probs = world.probs_of(now)
+        if average and k >= round_len // 2:
+            state["avg"] = probs if state["avg"] is None else state["avg"] + probs
+            state["n_avg"] += 1
+        if k % log_every == 0 or k == round_len - 1:
+            rec = {"step": step, "round": rnd, "loss": float(out.loss.detach())}
+            if target is not None and rnd == rounds - 1:
+                rec["tv"] = float(total_variation(probs, target).max())
+            if metrics is not None:
+                rec.update(metrics(probs))
+            history.append(rec)
+        state["still"] = state["still"] + 1 if moved < 1e-11 else 0  # Rprop skips one update after each sign flip
+        if k == round_len - 1 or (early_stop and state["still"] >= 5):
+            end_round(probs)
+        return False
+
+    def end_round(probs: Tensor) -> None:
+        """The round's policy: the average of its second half (sampled) or the last iterate."""
+        final = probs
+        if state["avg"] is not None:
+            final = state["avg"] / state["n_avg"]
+            world.set_average(final)
+        state.update(final=final, avg=None, n_avg=0)
+
+    fit(algorithm, world.producer, opt, steps=rounds * round_len, epochs=epochs, policy=policy,
+        reference=world.reference, reference_update=update, loss_scale=loss_scale, before_step=before,
+        after_step=after, converged=(lambda step: early_stop and state["still"] >= 5))
+    return state["final"], state["taken"], history
 
 
 def verify(algorithm, bandit: Bandit, *, exact: bool = True, steps: Optional[int] = None, seed: int = 0,
@@ -229,17 +328,46 @@ def verify(algorithm, bandit: Bandit, *, exact: bool = True, steps: Optional[int
         :class:`VerifyResult`.
     Raises:
         TargetError: the composition has no target on this bandit. InputError: bad arguments.
+
+    Hinge targets (``margin``, ``hinge_lp``: no unique distribution) pass when the learned policy's population
+    hinge objective attains its linear-program optimum (or every covered margin is met); an exact run with a frozen
+    reference that misses it continues with Adam from where Rprop stalled (``steps`` more steps).
+
+    A :class:`udrra.SequenceBandit` is verified by :func:`udrra.sequence.verify_sequence` (the same arguments,
+    ``init_logits`` ``(P·S, V)``; learned and target ``(P, N)`` over whole responses; no derived target is reported
+    as ``target_kind = "none"``, not raised).
     """
+    from .sequence import SequenceBandit, verify_sequence
+    if isinstance(bandit, SequenceBandit):
+        return verify_sequence(algorithm, bandit, exact=exact, steps=steps, seed=seed, lr=lr, batch_size=batch_size,
+                               init_logits=init_logits, tolerance=tolerance, log_every=log_every)
     derived = algorithm.derived_target()
     target = None if derived.solve is None else algorithm.target_distribution(bandit).double()
+    if target is None:
+        from .components.target import hinge_identified
+        hinge_identified(algorithm.components, bandit)  # fail before training where there is no target
     tolerance = tolerance if tolerance is not None else (EXACT_TOL if exact else SAMPLED_TOL)
     learned, total, history = train(algorithm, bandit, exact=exact, steps=steps, seed=seed, lr=lr,
                                     batch_size=batch_size, init_logits=init_logits, log_every=log_every,
                                     target=target)
     if target is None:
-        viol = _margin_violation(algorithm, bandit, learned)
+        passed, viol, gap, opt = _hinge_check(algorithm, bandit, learned, derived, tolerance)
+        if not passed and exact and algorithm.components.reference.get("update", "frozen") == "frozen":
+            # Rprop's coordinate-wise sign steps can stall on a kink of the piecewise-linear hinge objective (the
+            # descent direction moves several logits together along it): continue from there with Adam, whose
+            # averaged subgradients follow the kink, in stages of shrinking steps (β·u units) so that it first
+            # travels and then settles
+            per_stage = max(1, (steps or 3000) // len(HINGE_POLISH_STEPS))
+            for step_x in HINGE_POLISH_STEPS:
+                more, n_more, hist_more = train(algorithm, bandit, exact=True, steps=per_stage, seed=seed,
+                                                optimizer="adam", lr=step_x / algorithm.beta, lr_decay=True,
+                                                early_stop=False, init_logits=torch.log(learned) - bandit.log_pi_ref,
+                                                log_every=log_every)
+                history = history + [{**rec, "step": rec["step"] + total} for rec in hist_more]
+                learned, total = more, total + n_more
+            passed, viol, gap, opt = _hinge_check(algorithm, bandit, learned, derived, tolerance)
         return VerifyResult(algorithm.name, None, learned, float("nan"), float("nan"), total, history, tolerance,
-                            viol < tolerance, derived.kind, derived.note, viol)
+                            passed, derived.kind, derived.note, viol, gap, opt)
     tv = float(total_variation(learned, target).max())
     kl = float(_kl(target, learned).max())
     return VerifyResult(algorithm.name, target, learned, tv, kl, total, history, tolerance, tv < tolerance,

@@ -87,7 +87,7 @@ class Components:
 
 
 def positive(v: Any) -> Optional[str]:
-    return None if v > 0 else "must be > 0"
+    return None if 0 < v < float("inf") else "must be > 0 and finite"
 
 
 def positive_int(v: Any) -> Optional[str]:

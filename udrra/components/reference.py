@@ -4,17 +4,23 @@ Kinds:
 
 - ``log_ratio`` — π_ref sits inside the link through u(y) = log π(y) − log π_ref(y) (DPO, Rafailov et al.
   2023, Eq. 7; UDRRA RA/RDA).
-- ``kl_in_reward`` — the reward is shaped by −β·k1 with k1 = log π/π_ref (PPO/RLOO/ReMax; Ouyang et al. 2022;
-  Xu et al. 2404.10719 Eq. 2). The shaping is treated as part of the reward (no gradient through it).
-- ``kl_in_loss`` — β·E[k(log π/π_ref)] is added to the loss and differentiated directly (GRPO, DeepSeekMath
-  2402.03300 Eq. 19 with k3). Which estimator decides the direction of the regularisation (Tang & Munos,
-  arXiv 2506.09477): k1 gives no regularisation, k2 the reverse KL, k3 the forward KL KL(π_ref‖π).
+- ``kl_in_reward`` — the reward is shaped per token by r_t = −β·k1_t, k1_t = log π_old(y_t|·) − log π_ref(y_t|·),
+  with the task reward added at the last response token (PPO/RLOO/ReMax; Ouyang et al. 2022 Eq. 2; Xu et al.
+  2404.10719 Eq. 2). The shaping is treated as part of the reward (no gradient through it). ``kl_return``:
+  ``sequence`` — with γ = 1 the return is R = r − β·log π(y)/π_ref(y) exactly (Σ_t k1_t); ``token`` — token t
+  sees r − β·k1_t only (the per-token, non-cumulative KL of the ReMax code; theory.md §4.1).
+- ``kl_in_loss`` — β·k(log π/π_ref) is added to the loss and differentiated directly (GRPO, DeepSeekMath
+  2402.03300 Eq. 19 with k3), per token (``level = "token"``) or on the sequence log-ratio (``"sequence"``).
+  Which estimator decides the direction of the regularisation (Tang & Munos, arXiv 2506.09477): k1 gives no
+  regularisation, k2 the reverse KL, k3 the forward KL KL(π_ref‖π) — per state when applied per token.
 - ``none`` — no reference (SimPO, Meng et al. 2024 Eq. 6): u(y) = log π(y), optionally divided by the
   response length, with a target margin ``gamma``.
 
-Update rules (parameter ``update``): ``frozen`` (default), ``ema`` (π_ref's parameters ← decay·π_ref +
-(1−decay)·π_θ after every step; Xu et al. §5), ``reset_every`` (π_ref ← π_θ every ``every`` optimiser steps
-on an LM, or after each of ``rounds`` converged rounds on the bandit; Xu et al.'s DPO-Iter).
+Update rules (parameter ``update``), applied by :class:`udrra.loop.ReferenceUpdate` in every world: ``frozen``
+(default), ``ema`` (π_ref's parameters ← decay·π_ref + (1−decay)·π_θ after every step; Xu et al. §5),
+``reset_every`` (π_ref ← π_θ every ``every`` optimiser steps; Xu et al.'s DPO-Iter; the derived target assumes
+``rounds`` converged rounds, and the testbeds run ``rounds`` × ``every`` steps, ending an exact round early once it
+has converged).
 """
 
 from __future__ import annotations
@@ -31,13 +37,15 @@ UPDATE_RULES = ("frozen", "ema", "reset_every")
 _update_params = (
     Param("update", str, "frozen", "how π_ref changes during training", choices=UPDATE_RULES),
     Param("decay", float, None, "EMA decay of the reference parameters (update = 'ema')", check=unit_open),
-    Param("every", int, None, "optimiser steps between reference resets on an LM (update = 'reset_every')",
-          check=positive_int),
-    Param("rounds", int, None, "number of reference resets + 1 (converged rounds) on the bandit "
-          "(update = 'reset_every')", check=positive_int),
+    Param("every", int, None, "optimiser steps between reference resets, in every world (update = "
+          "'reset_every')", check=positive_int),
+    Param("rounds", int, None, "rounds of `every` steps the derived target assumes (π_k after k = rounds "
+          "rounds); the testbeds run rounds × every steps (update = 'reset_every')", check=positive_int),
 )
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
+KL_RETURNS = ("sequence", "token")
+KL_LEVELS = ("token", "sequence")
 
 KINDS: Dict[str, KindSpec] = {
     "log_ratio": KindSpec("log_ratio", "π_ref inside the link: u = log π − log π_ref (DPO)", (
@@ -45,9 +53,14 @@ KINDS: Dict[str, KindSpec] = {
         *_update_params)),
     "kl_in_reward": KindSpec("kl_in_reward", "reward shaped by −β·k1, k1 = log π/π_ref (PPO, RLOO, ReMax)", (
         Param("estimator", str, "k1", "KL estimator used in the reward", choices=("k1",)),
+        Param("kl_return", str, "sequence", "what token t's return holds of the per-token KL: 'sequence' = "
+              "r − β·Σ_t k1_t (every token; γ = 1 PPO/RLOO), 'token' = r − β·k1_t of token t only (ReMax code)",
+              choices=KL_RETURNS),
         *_update_params)),
     "kl_in_loss": KindSpec("kl_in_loss", "β·E[k] added to the loss and differentiated (GRPO: k3)", (
         Param("estimator", str, "k3", "KL estimator differentiated in the loss", choices=KL_ESTIMATORS),
+        Param("level", str, "token", "'token': β·k(d_t) on every token (GRPO as implemented); 'sequence': "
+              "β·k(Σ_t d_t) once per response (Tang & Munos 2506.09477)", choices=KL_LEVELS),
         *_update_params)),
     "none": KindSpec("none", "no reference model: u = log π (SimPO)", (
         Param("length_normalize", bool, True, "divide log π by the response length in tokens"),

@@ -7,7 +7,11 @@ Kinds:
   (``labels = "sampled"``, optionally flipped with probability ``label_noise``), or ranked by the better
   response (``labels = "deterministic"``, RSO-style ranking by a reward model).
 - ``on_policy`` — ``n`` samples per prompt from the current policy (PPO, REINFORCE, ReMax, RLOO, GRPO);
-  ``clip`` is PPO's ratio clip for samples reused over ``epochs`` optimiser passes.
+  ``clip`` is PPO's ratio clip for samples reused over ``epochs`` optimiser passes (with DAPO's ``clip_high``
+  and the ``dual_clip`` constant), and ``aggregation`` says how the per-token losses of the batch reduce to one
+  number (``seq_mean_token_sum``: Σ_t per sequence, mean over sequences; ``seq_mean_token_mean``: GRPO's
+  1/|y| per sequence; ``token_mean``: over all tokens of the batch, DAPO; ``seq_mean_token_sum_norm``: Σ_t
+  divided by a constant length, Dr. GRPO).
 - ``on_policy_pairs`` — two samples from the current policy labelled by a ``labeller`` (online DPO,
   Guo et al. 2402.04792; DPO-Iter, Xu et al. §4.3).
 - ``offline_samples`` — scored responses from a fixed distribution d (UDRRA RA/RDA scenarios).
@@ -27,6 +31,14 @@ from torch import Tensor
 
 from . import KindSpec, Param, half_open, positive, positive_int
 
+#: the token-loss aggregations (verl ``agg_loss`` names; see :func:`udrra.loss.aggregate`)
+AGGREGATIONS = ("seq_mean_token_sum", "seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
+
+
+def _above_one(v) -> Optional[str]:
+    return None if v > 1 else "must be > 1"
+
+
 KINDS: Dict[str, KindSpec] = {
     "offline_pairs": KindSpec("offline_pairs", "a fixed dataset of (prompt, chosen, rejected)", (
         Param("labels", str, "sampled", "how pair labels arise: Bernoulli(p(y≻y')) or the better response wins",
@@ -35,8 +47,14 @@ KINDS: Dict[str, KindSpec] = {
     )),
     "on_policy": KindSpec("on_policy", "n samples per prompt from the current policy", (
         Param("n", int, 4, "samples per prompt (group size)", check=positive_int),
-        Param("clip", float, None, "PPO ratio clip ε (None = no clipping)", check=positive),
+        Param("clip", float, None, "PPO ratio clip ε (ε_low with clip_high; None = no clipping)", check=positive),
+        Param("clip_high", float, None, "upper ratio clip ε_high (DAPO clip-higher; default = clip)",
+              check=positive),
+        Param("dual_clip", float, None, "dual-clip constant c > 1 bounding the loss of negative advantages",
+              check=_above_one),
         Param("epochs", int, 1, "optimiser passes over each sampled batch (PPO epochs)", check=positive_int),
+        Param("aggregation", str, "seq_mean_token_sum", "how the (B, T) token losses reduce to a scalar",
+              choices=AGGREGATIONS),
     )),
     "on_policy_pairs": KindSpec("on_policy_pairs", "two policy samples per prompt labelled by a labeller", (
         Param("labeller", str, "preference", "who labels the pair: the preference oracle p(y≻y') or a "

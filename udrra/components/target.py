@@ -68,7 +68,8 @@ class DerivedTarget:
     """The target a composition actually converges to.
 
     Attributes:
-        kind: ``boltzmann``, ``psi``, ``forward_kl``, ``argmax``, ``margin``, ``reference_free`` (a
+        kind: ``boltzmann``, ``psi``, ``forward_kl``, ``argmax``, ``margin``, ``hinge_lp`` (the optimal face of the
+            population hinge objective's linear program: stochastic labels), ``reference_free`` (a
             Boltzmann target with a uniform reference: no π_ref in the loss) or ``iterated`` (reference reset).
         formula: the target written out.
         note: why it differs from the declared kind, or ``None``.
@@ -258,17 +259,218 @@ def derive(components) -> DerivedTarget:
                 "Boltzmann base (temperature β/k): it drifts toward argmax r as k grows (Xu et al. §4.3 DPO-Iter)")
         return DerivedTarget("iterated", f"T^{k}(π_0), T = [{base.formula}]", note, solve_iter)
     if update == "ema":
-        return DerivedTarget("argmax", "argmax_y r(x, y)",
-                             "an EMA reference follows the policy, so the only fixed point of "
-                             f"'{base.formula}' with π_ref = π is the unregularised one: argmax r", _solve_argmax)
+        return _derive_ema(base)
     if base.kind != declared and base.note is None:
         base = DerivedTarget(base.kind, base.formula, f"declared '{declared}' but the components give '{base.kind}'",
                              base.solve)
     return base
 
 
+def _derive_ema(base: DerivedTarget) -> DerivedTarget:
+    """An EMA reference follows the policy. With a frozen reference the composition reaches π* with a log-ratio
+    v = log π*/π_ref; tracking the policy, each round multiplies the policy by e^{v} again (π_k ∝ π_0·e^{k·v}), so
+    the limit puts all mass on argmax_y v(x, y) within π_0's support — argmax r for the KL-regularised
+    compositions, argmax of the fitted preference score for IPO-type links (Xu et al. 2404.10719 §5, Ref-EMA)."""
+    if base.solve is None:
+        def none(bandit):
+            raise TargetError(f"an EMA reference with target '{base.formula}': the frozen-reference target is a set, "
+                              "not one distribution, so the limit the EMA drifts to depends on the path; udrra "
+                              "claims no target here")
+        return DerivedTarget("argmax", "argmax_y v(x, y) of the frozen target (none: that target is a set)",
+                             "EMA reference over a set-valued target: no unique limit", none)
+
+    def solve(bandit, inner=base.solve):
+        pi = inner(bandit)
+        v = torch.log(pi.clamp_min(1e-300)) - bandit.log_pi_ref
+        v = torch.where(bandit.pi_ref > 0, v, torch.full_like(v, -float("inf")))
+        return argmax_policy(v)
+    return DerivedTarget("argmax", "argmax_y v(x, y), v = log π*/π_ref of the frozen-reference target π*",
+                         "an EMA reference follows the policy: with a frozen reference the composition reaches π* = "
+                         "π_ref·e^{v}, and each time π_ref catches up the policy is multiplied by e^{v} again "
+                         f"(π_k ∝ π_0·e^{{k·v}}), so it drifts to argmax v — here π* = {base.formula}; for a "
+                         "Boltzmann π* that is argmax r", solve)
+
+
 def _solve_argmax(bandit) -> Tensor:
     return argmax_policy(bandit.reward_matrix())
+
+
+# ------------------------------------------------------------------------------------------- finite groups
+# Group baselines with groups of n samples. The exact population loss weights each response y by π(y) and gives it
+# the advantage ā(y) = E_{y_2..y_n ∼ π}[A(y; {y, y_2, ..., y_n})], the sampled advantage averaged over the other
+# n − 1 draws of its group (udrra.components.reward.advantages with group_size). Its stationarity condition in the
+# logits θ (gradient of −Σ_y π(y)·ā(y)·log π(y), ā and the weights held fixed, plus the KL term):
+#   k3 in the loss:  −π(y)·(ā(y) − Ā) + β·(π(y) − π_ref(y)) = 0   ⇒  π(y) = β·π_ref(y)/(β + Ā − ā(y)), Ā = E_π ā
+#   k2 in the loss (or the per-token KL in the return, kl_return = "token"):
+#                    −π(y)·(ā(y) − Ā) + β·π(y)·(u(y) − E_π u) = 0   ⇒  π ∝ π_ref·exp(ā/β)
+# ā depends on π, so both are fixed points; here ā is computed from the multisets of the other n − 1 draws written
+# out explicitly (numpy, the sample std with ddof = 1), independently of the loss code's sufficient statistics.
+_FINITE_BASELINES = ("leave_one_out", "group_mean", "group_norm")
+
+
+def _group_size(s) -> Optional[int]:
+    """The group size n of an ``on_policy`` source; ``None`` (n → ∞) for other sources or when unset."""
+    n = s.get("n") if s.kind == "on_policy" else None
+    return None if n is None else int(n)
+
+
+def limit_target(components) -> DerivedTarget:
+    """The derived target with the group size taken to infinity (n → ∞): group statistics are exact expectations
+    under π. Equal to :func:`derive` for compositions whose target does not depend on n."""
+    from dataclasses import replace
+    src = components.source
+    if src.get("n") is None:
+        return derive(components)
+    return derive(replace(components, source=replace(src, params={**dict(src.params), "n": None})))
+
+
+def _max_feasible_k(n: int) -> int:
+    """The most responses K for which the n − 1 other draws have at most FINITE_GROUP_LIMIT multisets."""
+    from .reward import finite_group_feasible
+    lo, hi = 1, 2
+    while finite_group_feasible(n, hi):  # C(n − 2 + k, k − 1) grows with k: bracket, then bisect
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if finite_group_feasible(n, mid) else (lo, mid)
+    return lo
+
+
+def _fallback_text(n: int) -> str:
+    from .reward import FINITE_GROUP_LIMIT
+    k_max = _max_feasible_k(n)
+    return (f"ā is exact: the C(n + K − 2, K − 1) multisets of the other n − 1 = {n - 1} draws are enumerated, "
+            f"which stays within {FINITE_GROUP_LIMIT} for K ≤ {k_max} responses; with more responses the exact "
+            "population loss and this target both fall back to n → ∞ (the population loss warns)")
+
+
+def _other_draws(n: int, K: int):
+    """The multisets of n − 1 draws over K responses: ``(idx (M, n−1), counts (M, K), log multinomial coef (M,))``."""
+    import numpy as np
+    from itertools import combinations_with_replacement
+    from scipy.special import gammaln
+    key = (n, K)
+    hit = _DRAWS_CACHE.get(key)
+    if hit is None:
+        idx = np.array(list(combinations_with_replacement(range(K), n - 1)), dtype=np.int64).reshape(-1, n - 1)
+        counts = np.stack([(idx == j).sum(1) for j in range(K)], 1).astype(np.float64)
+        logcoef = gammaln(n) - gammaln(counts + 1.0).sum(1)
+        hit = (idx, counts, logcoef)
+        if len(_DRAWS_CACHE) > 8:
+            _DRAWS_CACHE.clear()
+        _DRAWS_CACHE[key] = hit
+    return hit
+
+
+_DRAWS_CACHE: Dict[tuple, tuple] = {}
+
+
+def _draw_advantages(r, n: int, eps: float):
+    """A(y; {y} ∪ c) = (r(y) − mean)/(std + eps) for every multiset c of the other draws: ``(M, K)`` numpy."""
+    import numpy as np
+    idx, _, _ = _other_draws(n, len(r))
+    others = r[idx]
+    table = np.empty((idx.shape[0], len(r)))
+    for y in range(len(r)):
+        group = np.concatenate([np.full((idx.shape[0], 1), r[y]), others], 1)
+        table[:, y] = (r[y] - group.mean(1)) / (group.std(1, ddof=1) + eps)
+    return table
+
+
+def _finite_group_policy(ref, r, start, n: int, beta: float, eps: float, family: str) -> Tensor:
+    """Solve the finite-n stationarity condition on one prompt (see the comment above), from ``start``.
+
+    ref, r, start: ``(K,)``. family: ``"k3"`` (π(y)·(β + Ā − ā(y)) = β·π_ref(y)) or ``"k2"`` (π ∝ π_ref·exp(ā/β)).
+    Unknowns: the logits u of π on π_ref's support with u_0 = 0 (K' − 1 of them); scipy's ``hybr`` (Powell's
+    hybrid method), then a damped fixed-point iteration if that does not reach a residual below 1e-12.
+    """
+    import numpy as np
+    from scipy.optimize import root
+    ref, r, start = (np.asarray(x.detach().double().cpu() if isinstance(x, Tensor) else x, dtype=np.float64)
+                     for x in (ref, r, start))
+    supp = ref > 0
+    out = np.zeros_like(ref)
+    rs, fs = r[supp], ref[supp] / ref[supp].sum()
+    Ks = len(rs)
+    if Ks == 1:
+        out[supp] = 1.0
+        return torch.as_tensor(out)
+    _, counts, logcoef = _other_draws(n, Ks)
+    table = _draw_advantages(rs, n, eps)
+
+    def log_policy(x):
+        u = np.concatenate([[0.0], x])
+        u = u - u.max()
+        return u - np.log(np.exp(u).sum())
+
+    def policy(x):
+        return np.exp(log_policy(x))
+
+    def abar(p, logp=None):
+        logp = np.log(np.clip(p, 1e-300, None)) if logp is None else logp
+        return np.exp(logcoef + counts @ logp) @ table
+
+    def residual(x):
+        logp = log_policy(x)
+        p = np.exp(logp)
+        a = abar(p, logp)
+        if family == "k3":
+            return (p * (beta + p @ a - a) - beta * fs)[1:]
+        return x - (np.log(fs[1:]) - np.log(fs[0])) - (a[1:] - a[0]) / beta
+
+    def step(p):  # one fixed-point map T(π) (used when hybr fails)
+        a = abar(p)
+        if family == "k3":
+            q = inverse_family(torch.as_tensor(fs)[None], torch.as_tensor(a / beta)[None])[0].numpy()
+        else:
+            q = np.exp(np.log(fs) + a / beta - (a / beta).max())
+            q = q / q.sum()
+        return q
+
+    s0 = np.clip(start[supp], 1e-300, None)
+    x0 = np.log(s0[1:]) - np.log(s0[0])
+    sol = root(residual, x0, method="hybr", options={"xtol": 1e-15, "maxfev": 20000})
+    x = sol.x
+    if not np.all(np.isfinite(x)) or np.abs(residual(x)).max() > 1e-12:
+        p = s0 / s0.sum()
+        for _ in range(20000):
+            q = step(p)
+            if np.abs(q - p).max() < 1e-14:
+                break
+            p = 0.5 * p + 0.5 * q
+        p = np.clip(p, 1e-300, None)
+        sol = root(residual, np.log(p[1:]) - np.log(p[0]), method="hybr", options={"xtol": 1e-15, "maxfev": 20000})
+        x = sol.x
+        if not np.all(np.isfinite(x)) or np.abs(residual(x)).max() > 1e-12:
+            raise TargetError(f"no finite-group fixed point found at group size n = {n} (residual "
+                              f"{np.abs(residual(x)).max():.2e})")
+    p = policy(x)
+    a = abar(p, log_policy(x))
+    if family == "k3" and np.any(beta + p @ a - a <= 0):
+        raise TargetError(f"the finite-group fixed point at n = {n} is not a distribution (β + Ā − ā(y) ≤ 0)")
+    out[supp] = p
+    return torch.as_tensor(out)
+
+
+def _finite_group_solver(limit_solve, n: int, beta: float, eps: float, family: str):
+    """Per-bandit solver of the finite-n group_norm target, starting from the n → ∞ one; falls back to it (as the
+    population loss does) when the multisets of the other n − 1 draws exceed the enumeration limit."""
+    def solve(b):
+        from .reward import finite_group_feasible
+        r = b.reward_matrix()
+        P, K = r.shape
+        if not finite_group_feasible(n, K):
+            return limit_solve(b)
+        out = torch.empty_like(r, dtype=torch.float64)
+        for p in range(P):
+            sub = b.subset([p])
+            try:
+                start = limit_solve(sub)[0]
+            except TargetError:  # e.g. constant rewards: no std-normalised n → ∞ fixed point; start at π_ref
+                start = sub.pi_ref[0]
+            out[p] = _finite_group_policy(sub.pi_ref[0], sub.reward_matrix()[0], start, n, beta, eps, family)
+        return out
+    return solve
 
 
 def _derive_frozen(t, s, rw, ref, beta: float) -> DerivedTarget:
@@ -281,22 +483,51 @@ def _derive_frozen(t, s, rw, ref, beta: float) -> DerivedTarget:
     # explicit reward: the reference term decides the regulariser
     baseline = rw["baseline"]
     normalised = baseline in ("group_norm", "batch_norm")
-    if ref.kind == "kl_in_reward":
-        # the KL sits inside R, so normalising R rescales reward and KL together: same target (Xu et al. §5)
-        return DerivedTarget("boltzmann", "π_ref·exp(r/β)/Z", None,
+    # groups of n samples (exact mode takes the expectation over the other n − 1 draws); None = n → ∞.
+    # leave_one_out is unbiased (ā = R − E_π R for every n) and batch_norm is over the whole (large) batch.
+    n = _group_size(s) if baseline in ("group_mean", "group_norm") else None
+    at_n = f"group size n = {n}" if n is not None else ""
+    token_kl = ref.kind == "kl_in_reward" and ref.get("kl_return") == "token"
+    if ref.kind == "kl_in_reward" and not token_kl:
+        # the KL sits inside R, so normalising R rescales reward and KL together: same target (Xu et al. §5).
+        # Finite groups: ā(y) = E over the other draws of A(R(y), others) is strictly increasing in R(y) (the other
+        # draws do not depend on y), so ā(y) = const, the stationarity condition, forces R = r − β·log π/π_ref
+        # constant: π_ref·exp(r/β)/Z for every n.
+        note = None
+        if n is not None:
+            note = (f"at {at_n} the population advantage is the expectation over the other n − 1 draws, ā(y) = "
+                    f"E[A(R(y), R(y_2), ..., R(y_n))], a strictly increasing function of R(y) = r(y) − β·log π(y)/"
+                    "π_ref(y) alone; stationarity needs ā constant, i.e. R constant: the same target "
+                    "π_ref·exp(r/β)/Z for every n")
+        return DerivedTarget("boltzmann", "π_ref·exp(r/β)/Z", note,
                              lambda b: boltzmann(b.pi_ref, b.reward_matrix() / beta))
-    est = ref.get("estimator") if ref.kind == "kl_in_loss" else None
+    est = ref.get("estimator") if ref.kind == "kl_in_loss" else ("k2" if token_kl else None)
     if ref.kind == "none" or est == "k1" or beta == 0:
         why = ("k1 differentiated in the loss has zero expected gradient (E_π[∇log π] = 0): no regularisation"
                if est == "k1" else "no KL term: nothing regularises the policy")
         return DerivedTarget("argmax", "argmax_y r(x, y)", None if declared == "argmax" else why, _solve_argmax)
     family = boltzmann if est == "k2" else inverse_family
     kind = "boltzmann" if est == "k2" else "forward_kl"
+    reg = ("the per-token KL added to each token's return (kl_return = 'token') has the gradient of k2 in the "
+           "loss, ∇KL(π‖π_ref)" if token_kl else "k2 differentiated in the loss gives ∇KL(π‖π_ref)")
     if not normalised:
+        if baseline == "group_mean" and n is not None:
+            bp = beta * n / (n - 1)
+            why = (f"at {at_n} the Dr. GRPO advantage averaged over the other n − 1 draws is exactly "
+                   "ā(y) = (n − 1)/n·(r(y) − E_π r) (the row's own reward is in the group mean), so the reward is "
+                   f"scaled by (n − 1)/n: the n → ∞ target with β' = β·n/(n − 1) = {bp:.6g}")
+            if est == "k2":
+                return DerivedTarget(kind, f"π_ref·exp(r/β')/Z, β' = β·n/(n − 1) = {bp:.6g} (group size n = {n})",
+                                     f"{reg}: reverse-KL (Boltzmann) target; {why}",
+                                     lambda b: family(b.pi_ref, b.reward_matrix() / bp))
+            return DerivedTarget(kind, f"β'·π_ref/(λ − r), λ normalising, β' = β·n/(n − 1) = {bp:.6g} "
+                                       f"(group size n = {n})",
+                                 "k3 differentiated in the loss gives ∇KL(π_ref‖π) (forward KL, Tang & Munos "
+                                 f"2506.09477): the fixed point is β'·π_ref/(λ − r); {why}",
+                                 lambda b: family(b.pi_ref, b.reward_matrix() / bp))
         if est == "k2":
             return DerivedTarget(kind, "π_ref·exp(r/β)/Z",
-                                 None if declared == kind else
-                                 "k2 differentiated in the loss gives ∇KL(π‖π_ref): reverse-KL (Boltzmann) target",
+                                 None if declared == kind else f"{reg}: reverse-KL (Boltzmann) target",
                                  lambda b: family(b.pi_ref, b.reward_matrix() / beta))
         return DerivedTarget(kind, "β·π_ref/(λ − r), λ normalising",
                              None if declared == kind else
@@ -321,16 +552,33 @@ def _derive_frozen(t, s, rw, ref, beta: float) -> DerivedTarget:
             scp = _scale_fixed_point(rp, lambda sc: family(sub.pi_ref, rp / (beta * sc)), False)
             out[p] = family(sub.pi_ref, rp / (beta * float(scp[0])))[0]
         return out
+    abar = ("ā(y) = E_{y_2..y_n ∼ π}[(r(y) − mean)/(std + eps)] over the group {y, y_2, ..., y_n} (unbiased std)")
     if est == "k2":
         formula = "π_ref·exp((r − r̄)/(β·σ_π))/Z, σ_π = std of r under π (fixed point)"
         note = (f"advantages divided by the reward std {where} while the KL term is not: the temperature "
-                "becomes β·σ_π")
+                "becomes β·σ_π" + (f" ({reg})" if token_kl else ""))
+        if n is not None:
+            formula = (f"π_ref·exp(ā(y)/β)/Z, {abar}: fixed point at group size n = {n} (expectation over the "
+                       f"other n − 1 draws); as n → ∞ it tends to {formula}")
+            note += (f"; at {at_n} the population advantage is the expectation of the sampled one over the other "
+                     "n − 1 draws, ā(y), not (r − r̄_π)/σ_π (a small group's std is biased and holds the row's own "
+                     "reward): stationarity gives ā(y) − β·log π(y)/π_ref(y) = const, a fixed point in π; "
+                     f"{_fallback_text(n)}")
     else:
         formula = "π_ref / (1 − (r − r̄_π)/(β·σ_π)), r̄_π, σ_π = mean, std of r under π (fixed point)"
         note = ("k3 differentiated in the loss pulls in the forward-KL direction (∇KL(π_ref‖π)) and the advantage "
                 f"is divided by the reward std {where} while the KL term is not, so the temperature becomes β·σ_π: "
                 "the fixed point is π_ref/(1 − (r − r̄)/(β·σ)) (DeepSeekMath Eq. 21; Tang & Munos 2506.09477), "
                 "not π_ref·exp(r/β)/Z")
+        if n is not None:
+            formula = (f"β·π_ref/(β + Ā − ā(y)), {abar}, Ā = E_π ā: fixed point at group size n = {n} "
+                       f"(expectation over the other n − 1 draws); as n → ∞ it tends to {formula}")
+            note += (f"; at {at_n} the population advantage is the expectation of the sampled one over the other "
+                     "n − 1 draws, ā(y), not (r − r̄_π)/σ_π (a small group's std is biased and holds the row's own "
+                     "reward): stationarity of the exact population loss, −π(y)·(ā(y) − Ā) + β·(π(y) − π_ref(y)) "
+                     f"= 0, gives π(y) = β·π_ref(y)/(β + Ā − ā(y)), a fixed point in π; {_fallback_text(n)}")
+    if n is not None:
+        solve = _finite_group_solver(solve, n, beta, float(rw["eps"]), "k2" if est == "k2" else "k3")
     return DerivedTarget(kind, formula, note, solve)
 
 
@@ -340,7 +588,7 @@ def _derive_preference(t, s, rw, ref, beta: float) -> DerivedTarget:
     eps = rw.get("epsilon")
     gamma = float(ref.get("gamma") or 0.0)
     if link_name == "hinge":
-        return DerivedTarget("margin", "any π with h(y_w, y_l) ≥ 1/β on every covered pair", None, None)
+        return _derive_hinge(s, ref, gamma)
     loss = "squared" if link_name == "squared" else "logistic"
     no_ref = ref.kind == "none"
 
@@ -351,19 +599,16 @@ def _derive_preference(t, s, rw, ref, beta: float) -> DerivedTarget:
         Q = torch.stack([pair_labels(s, b, torch.full((K * K,), p), i.flatten(), j.flatten()).reshape(K, K)
                          for p in range(P)])
         Q = link.label_map(Q, eps)
-        v = pairwise_fit(M, Q, beta=beta, gamma=gamma, loss=loss)
+
+        def policy_of(v: Tensor) -> Tensor:
+            if link_name == "forward_kl":
+                return inverse_family(b.pi_ref, v)
+            return _normalise(v) if no_ref else boltzmann(b.pi_ref, v)
+        pi = policy_of(pairwise_fit(M, Q, beta=beta, gamma=gamma, loss=loss))
         if s.kind == "on_policy_pairs":
-            K_ = M.shape[-1]
-            skew = 1.0 + (torch.arange(K_)[:, None] + 2 * torch.arange(K_)[None, :]).remainder(3).double()
-            v2 = pairwise_fit(M * skew, Q, beta=beta, gamma=gamma, loss=loss)
-            if float((v - v[:, :1] - (v2 - v2[:, :1])).abs().max()) > 1e-7:
-                raise TargetError("with on-policy pairs the target depends on π itself unless the labels are "
-                                  "Bradley–Terry and the link is logistic; this fixed point is not implemented")
-        if link_name == "forward_kl":
-            return inverse_family(b.pi_ref, v)
-        if no_ref:
-            return _normalise(v)
-        return boltzmann(b.pi_ref, v)
+            pi = _on_policy_pairs_fixed_point(pi, lambda w: policy_of(pairwise_fit(w, Q, beta=beta, gamma=gamma,
+                                                                                  loss=loss)))
+        return pi
 
     if link_name == "squared":
         return DerivedTarget("psi", "π_ref·exp(g/β)/Z, g = μ-weighted least squares of g(y) − g(y') = p(y≻y') − ½ "
@@ -391,6 +636,193 @@ def _derive_preference(t, s, rw, ref, beta: float) -> DerivedTarget:
         note = ("rDPO is unbiased for labels flipped with the known rate ε (Chowdhury et al. 2403.00409): on data "
                 "whose flip rate equals ε its target is the clean π_ref·exp(r/β)/Z")
     return DerivedTarget("boltzmann", formula, note, solve)
+
+
+# ----------------------------------------------------------------------------------------------- hinge
+# The hinge link's population objective, per prompt, in x = β·u (u = log π − log π_ref, or log π without a
+# reference) and c = 1 + γ:
+#     F(x) = Σ_{i≠j} w_ij [q_ij·max(0, c − (x_i − x_j)) + (1 − q_ij)·max(0, c + (x_i − x_j))],
+# w = the pair weights the source gives (normalised per prompt), q = P(i ≻ j) in the data. F is convex and
+# piecewise linear, so its minimiser set is the optimal face of a linear program. One pair alone is minimised at
+# x_i − x_j = sign(2q − 1)·c (any value in [−c, c] at q = ½; ≥ c for q = 1), theory §5.5; the K(K−1)/2 margins
+# must however be differences of one potential x, so for K ≥ 3 they cannot all sit at ±c and the pairs trade off.
+
+def _derive_hinge(s, ref, gamma: float) -> DerivedTarget:
+    no_ref = ref.kind == "none"
+    c = "(1 + γ)" if gamma else "1"
+    with_gamma = f", γ = {gamma}" if gamma else ""
+    u = "log π(y)" if no_ref else "log π(y)/π_ref(y)"
+    if ref.get("length_normalize"):
+        u = f"({u})/|y|"
+    dist = "exp(u)/Z" if no_ref else "π_ref·exp(u)/Z"
+    noise = float(s.get("label_noise") or 0.0)
+    resets = ref.get("update", "frozen") == "reset_every"
+    if s.kind == "offline_pairs" and s["labels"] == "deterministic" and noise == 0.0:
+        formula = (f"{dist} for any u with h(y_w, y_l) = u(y_w) − u(y_l) ≥ {c}/β on every covered pair ordered as "
+                   f"labelled, u = {u}{with_gamma} (the zero-loss set; no unique optimum)")
+        note = ("deterministic labels put each pair in the data in one orientation only, so max(0, 1 − β·h) "
+                "reaches zero on a whole half-line; if the ranking has ties or cycles the zero-loss set is empty and "
+                "the target is the minimiser set of the population hinge objective (a linear program), as for "
+                "sampled labels")
+        if resets:
+            note += ("; with the reference reset each round every round adds such a margin, so the average "
+                     "log-ratio per round satisfies it")
+        return DerivedTarget("margin", formula, note, None)
+    data = "pairs drawn from the current policy π" if s.kind == "on_policy_pairs" else "the pair distribution μ"
+    formula = (f"{dist} for any u minimising F(u) = Σ_(y,y') w(y, y')·[q·max(0, {c} − β·h) + (1 − q)·max(0, {c} + "
+               f"β·h)], h = u(y) − u(y'), u = {u}{with_gamma}, w = {data}, q = P(y ≻ y') in the data: a linear "
+               "program whose optimal face is the target set")
+    per_pair = "sign(2q − 1)·(1 + γ)" if gamma else "sign(2q − 1)"
+    lattice = "an integer multiple of 1 + γ" if gamma else "an integer"
+    note = ("with stochastic labels both orientations of a pair are in the data, so a pair alone is optimal at "
+            f"β·h = {per_pair} (any |β·h| ≤ {c} at q = ½; theory §5.5), not h ≥ {c}/β; the h = u(y) − u(y') must "
+            "come from one potential u, so with K ≥ 3 responses the pairs trade off: the minimisers are the optimal "
+            f"face of a linear program (at its vertices every β·(u(y) − u(y')) is {lattice}; the face can be more "
+            "than a point, e.g. when q = ½); verify checks that the learned policy attains the LP optimum")
+    if s.kind == "on_policy_pairs":
+        note += ("; with on-policy pairs the weights w = π(y)·π(y') move with the policy, so a limit must be a fixed "
+                 "point u ∈ argmin F_(w = π_u ⊗ π_u): one exists (Kakutani) but, for K ≥ 3, the LP's minimiser jumps "
+                 "between vertices as the weights move and exact training can cycle around it instead of converging "
+                 "(seen on random 3-response bandits), so udrra claims no target there (TargetError); with K = 2 "
+                 "there is one pair and the weights do not matter")
+    if resets:
+        note += ("; with the reference reset each round every round ends at a minimiser, so the average log-ratio "
+                 "per round (log π_k − log π_0)/k lies in the (convex) minimiser set")
+    return DerivedTarget("hinge_lp", formula, note, None)
+
+
+def hinge_identified(components, bandit) -> None:
+    """Raise :class:`TargetError` where udrra claims no hinge target on ``bandit``: on-policy pairs with K ≥ 3
+    responses (the pair weights π(y)·π(y') move the LP's minimiser and exact training can cycle)."""
+    t, s, rw, ref = components
+    K = bandit.pi_ref.shape[1]
+    if s.kind == "on_policy_pairs" and K >= 3:
+        raise TargetError(f"hinge link with on-policy pairs and K = {K} >= 3 responses: the population hinge "
+                          "objective's minimiser depends on the pair weights π(y)·π(y'), which move with the policy; "
+                          "exact training can cycle around the fixed point, so there is no target to check (use "
+                          "offline_pairs, or K = 2)")
+
+
+def hinge_problem(components, bandit, probs: Tensor):
+    """The population hinge objective's data on ``bandit`` at the policy ``probs``.
+
+    Returns:
+        ``(x, M, Q, c)``: x = β·u ``(P, K)`` with u = log π − log π_ref (log π without a reference), divided by
+        the number of rounds when the reference is reset each round; M ``(P, K, K)`` pair weights normalised per
+        prompt (π(y)·π(y') for on-policy pairs); Q ``(P, K, K)`` P(i ≻ j) in the data; c = 1 + γ.
+    Raises:
+        TargetError: see :func:`hinge_identified`.
+    """
+    t, s, rw, ref = components
+    hinge_identified(components, bandit)
+    beta = float(t["beta"])
+    probs = probs.double()
+    logp = torch.log(probs)
+    u = logp if ref.kind == "none" else logp - bandit.log_pi_ref
+    if ref.get("update", "frozen") == "reset_every":
+        u = u / int(ref.get("rounds") or 1)
+    P, K = probs.shape
+    off = 1.0 - torch.eye(K, dtype=torch.float64)
+    if s.kind == "on_policy_pairs":
+        M = probs[:, :, None] * probs[:, None, :] * off
+    else:
+        M = _pair_weights(s, bandit).double() * off
+    M = M / M.sum((1, 2), keepdim=True)
+    i, j = torch.meshgrid(torch.arange(K), torch.arange(K), indexing="ij")
+    Q = torch.stack([pair_labels(s, bandit, torch.full((K * K,), p), i.flatten(), j.flatten()).reshape(K, K)
+                     for p in range(P)]).double()
+    Q = LINK_TABLE["hinge"].label_map(Q, None)
+    c = 1.0 + float(ref.get("gamma") or 0.0)
+    return beta * u, M, Q, c
+
+
+def hinge_objective(x: Tensor, M: Tensor, Q: Tensor, c: float) -> Tensor:
+    """Per-prompt population hinge objective F(x) (see above). x: ``(P, K)``; returns ``(P,)`` float64."""
+    d = x[:, :, None] - x[:, None, :]
+    f = Q * torch.relu(c - d) + (1.0 - Q) * torch.relu(c + d)
+    return (M * f).sum((1, 2))
+
+
+def hinge_lp(M: Tensor, Q: Tensor, c: float):
+    """Minimise the population hinge objective exactly, by a linear program per prompt (HiGHS).
+
+    Variables x ∈ R^K (x_0 = 0: F depends on differences only) and one slack per hinge term with positive weight:
+    s ≥ c − (x_i − x_j), s ≥ 0 (weight w_ij·q_ij + w_ji·(1 − q_ji)) and t ≥ c + (x_i − x_j), t ≥ 0 (weight
+    w_ij·(1 − q_ij) + w_ji·q_ji) for each unordered pair i < j.
+
+    Returns:
+        ``(F*, x*)``: ``(P,)`` optimal values (evaluated by :func:`hinge_objective` at x*) and ``(P, K)`` one
+        minimiser (a vertex when the comparison graph is connected).
+    """
+    import numpy as np
+    from scipy.optimize import linprog
+    M, Q = M.double(), Q.double()
+    P, K, _ = M.shape
+    xs = torch.zeros(P, K, dtype=torch.float64)
+    for p in range(P):
+        m, q = M[p].numpy(), Q[p].numpy()
+        cost, rows, rhs = [], [], []
+        for i in range(K):
+            for j in range(i + 1, K):
+                a = m[i, j] * q[i, j] + m[j, i] * (1.0 - q[j, i])   # weight of max(0, c − (x_i − x_j))
+                b = m[i, j] * (1.0 - q[i, j]) + m[j, i] * q[j, i]   # weight of max(0, c + (x_i − x_j))
+                for weight, sign in ((a, 1.0), (b, -1.0)):
+                    if weight <= 0:
+                        continue
+                    row = {K + len(cost): -1.0, i: -sign, j: sign}  # −slack ∓ (x_i − x_j) ≤ −c
+                    cost.append(weight)
+                    rows.append(row)
+                    rhs.append(-c)
+        n = K + len(cost)
+        A = np.zeros((len(rows), n))
+        for r, row in enumerate(rows):
+            for k, v in row.items():
+                A[r, k] = v
+        obj = np.concatenate([np.zeros(K), np.asarray(cost, dtype=float)])
+        bounds = [(0.0, 0.0)] + [(None, None)] * (K - 1) + [(0.0, None)] * len(cost)
+        res = linprog(obj, A_ub=A if len(rows) else None, b_ub=np.asarray(rhs) if len(rows) else None,
+                      bounds=bounds, method="highs")
+        if res.status != 0:
+            raise TargetError(f"prompt {p}: the hinge linear program failed ({res.message})")
+        xs[p] = torch.as_tensor(res.x[:K], dtype=torch.float64)
+    return hinge_objective(xs, M, Q, c), xs
+
+
+def hinge_gap(components, bandit, probs: Tensor):
+    """How far ``probs`` is from the hinge target: per-prompt F(x) − F* ≥ 0 (0 exactly on the minimiser set).
+
+    Returns:
+        ``(gap, optimum)``: ``(P,)`` excess of the learned policy's population hinge objective over the LP optimum,
+        and the optimum F* itself (0 when every covered pair can reach its margin, i.e. deterministic acyclic labels).
+    """
+    x, M, Q, c = hinge_problem(components, bandit, probs)
+    opt, _ = hinge_lp(M, Q, c)
+    return hinge_objective(x, M, Q, c) - opt, opt
+
+
+def _on_policy_pairs_fixed_point(pi: Tensor, fit: Callable[[Tensor], Tensor], tol: float = 1e-11,
+                                 max_iter: int = 2000) -> Tensor:
+    """The target of on-policy pairs: the pair weights are μ(y, y') ∝ π(y)·π(y') of the policy itself, so the target
+    is a fixed point π = T(π), T(π) = the frozen-μ target with μ = π ⊗ π (off the diagonal). For a logistic link on
+    Bradley–Terry labels T does not depend on μ (one step, to round-off); for the squared link (IPO's p(y ≻ μ)), label smoothing,
+    the robust link or a margin γ it does. Solved by geometrically damped iteration (π ← √(π·T(π)), renormalised).
+
+    Raises:
+        TargetError: no convergence to ``tol`` within ``max_iter`` iterations.
+    """
+    off = 1.0 - torch.eye(pi.shape[-1], dtype=torch.float64)
+    for _ in range(max_iter):
+        w = pi[:, :, None] * pi[:, None, :] * off
+        # scaled so the heaviest pair weighs 1 (Newton's stopping rule is absolute), floored at 1e-12: pairs of
+        # near-zero mass barely weigh in the loss, but a singular weight matrix would stop Newton's method
+        w = (w / w.amax((1, 2), keepdim=True)).clamp_min(1e-12) * off
+        new = fit(w)
+        if float((new - pi).abs().max()) < tol:
+            return new
+        pi = torch.sqrt(pi * new)
+        pi = pi / pi.sum(-1, keepdim=True)
+    raise TargetError("on-policy pairs: the fixed point π = T(π) (pair weights π(y)·π(y') of the policy itself) did "
+                      f"not converge within {max_iter} damped iterations; udrra claims no target here")
 
 
 def _pair_weights(s, b) -> Tensor:

@@ -72,7 +72,10 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Op
         bias: optional ``(V,)`` lm_head bias.
         temperature: T > 0; logits are divided by it (sampling temperature of PPO/GRPO rollouts).
         ignore_index: marks ignored rows (log-prob and entropy 0, no gradient).
-        return_entropy: also return the entropy of each row's distribution (nats), differentiable.
+        return_entropy: also return the entropy of each row's distribution (nats), differentiable. Masked
+            logits (−inf, e.g. −inf entries of ``bias`` for a masked vocabulary) contribute 0 to the entropy
+            and to its gradient (0·log 0 = 0) in the ``chunked`` and ``triton`` backends (the ones with an
+            entropy); the log-prob gradients stay finite too.
         backend: ``auto`` | ``triton`` | ``torch`` | ``chunked`` (see the module docstring).
         chunk_tokens: rows per chunk for the CPU paths (default: about 128 MiB of fp32 logits per chunk).
     Returns:

@@ -14,7 +14,8 @@ Per row ``t`` (all in nats, computed in fp32):
 * ``logp_t = z_{t,y_t} − lse_t``;
 * ``entropy_t = lse_t − Σ_v p_tv z_tv`` with ``p = softmax(z)``. It is accumulated as
   ``a = Σ_v exp(z − m)·(z − m)`` (rescaled with the max like ``s``), so ``entropy = log s − a/s`` with no
-  cancellation between two large numbers when ``|z|`` is large.
+  cancellation between two large numbers when ``|z|`` is large. Masked logits (``z = −inf``, e.g. a ``−inf``
+  bias entry) have ``p = 0`` and contribute 0 to the entropy and to its gradient (``0·log 0 = 0``).
 
 Rows whose target equals ``ignore_index`` get ``logp = 0``, ``entropy = 0`` and zero gradient.
 
@@ -81,8 +82,11 @@ DEFAULT_BLOCK_H = 64
 DEFAULT_WORKSPACE_BYTES = 256 * 2**20
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Finite stand-in for -inf (masked vocabulary columns, empty running max): exp(NEG - x) == 0 and
-# 0 * NEG == 0, so no inf - inf or 0 * inf NaN can appear.
+# Finite stand-in for -inf (out-of-range vocabulary columns, empty running max): exp(NEG - x) == 0 and
+# 0 * NEG == 0, so no inf - inf or 0 * inf NaN can appear. Logits that are -inf themselves (a masked vocabulary:
+# -inf bias entries) have p = 0; the log-terms that multiply p in the entropy and its gradient are clamped to
+# NEG (tl.maximum) so that they contribute 0 (0·log 0 = 0) instead of 0·(-inf) = NaN. The clamp is exact:
+# any log-term below NEG already has p = exp(...) == 0.
 _NEG = -1.0e30
 
 
@@ -188,8 +192,9 @@ if triton is not None:
             zc = z - m_new[:, None]
             ez = tl.exp(zc)
             if COMPUTE_ENTROPY:
-                # Σ e^{z-m_new}(z-m_new) over the old terms = alpha·(a + d·s)
-                a = alpha * (a + d * s) + tl.sum(ez * zc, axis=1)
+                # Σ e^{z-m_new}(z-m_new) over the old terms = alpha·(a + d·s); a -inf logit (masked vocabulary)
+                # has ez = 0 and zc = -inf: clamped to _NEG so that it adds 0 (0·log 0 = 0), not NaN
+                a = alpha * (a + d * s) + tl.sum(ez * tl.maximum(zc, _NEG_C), axis=1)
             s = s * alpha + tl.sum(ez, axis=1)
             m = m_new
 
@@ -238,7 +243,9 @@ if triton is not None:
             if HAS_E:
                 e = tl.load(E + offs_n, mask=valid, other=0.0)
                 ent = tl.load(ENT + offs_n, mask=valid, other=0.0)
-                dz -= e[:, None] * p * (zc + ent[:, None])
+                # a -inf logit (masked vocabulary) has p = 0 and zc = -inf: clamped to _NEG so that p·(log p + H)
+                # is 0, not NaN (which would also poison the logp gradient: e = 0 still gives 0·(-inf))
+                dz -= e[:, None] * p * (tl.maximum(zc, _NEG_C) + ent[:, None])
             dz = tl.where(keep, dz * inv_t, 0.0)
             tl.store(DZ + local.to(tl.int64)[:, None] * stride_dzn + offs_v[None, :] * stride_dzv,
                      _cast_out(dz, DZ.dtype.element_ty, INTERPRETER), mask=n_mask[:, None] & v_mask[None, :])

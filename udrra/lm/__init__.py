@@ -7,6 +7,7 @@ Modules (imported lazily, so ``import udrra.lm`` does not import transformers):
   ``ultrafeedback-1200``), ``tokenize_pair`` / ``tokenize_pairs`` (truncation that keeps every response),
   ``collate_pairs``
 * :mod:`udrra.lm.logprobs` ``sequence_logps`` (the one log-prob path) and ``token_logps`` (its swap point)
+* :mod:`udrra.lm.producers` ``OfflinePairs``: the sample source of offline pair training for :func:`udrra.loop.fit`
 * :mod:`udrra.lm.train`    ``train`` (import it as ``from udrra.lm.train import train``: the name is also the submodule), ``evaluate``, ``sampled_kl``, ``add_train_arguments``, ``run_from_args``
 """
 
@@ -22,7 +23,7 @@ _EXPORTS = {
     "split_hh_dialogue": "data", "stratified_split": "data", "rows_to_pairs": "data",
     "sequence_logps": "logprobs", "token_logps": "logprobs",
     "evaluate": "train", "sampled_kl": "train", "add_train_arguments": "train",
-    "run_from_args": "train",
+    "run_from_args": "train", "OfflinePairs": "producers",
 }
 
 __all__ = sorted(_EXPORTS)

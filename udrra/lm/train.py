@@ -1,21 +1,22 @@
 """Offline preference training of a causal LM with any pair-based udrra algorithm (DPO, IPO, cDPO, rDPO, hinge,
-SimPO, ...), on top of ``accelerate``.
+SimPO, ...), on top of ``accelerate``, through the step loop every world runs (:func:`udrra.loop.fit`).
 
-One optimizer step (``gradient_accumulation_steps`` micro-batches of ``batch_size`` pairs each):
+One optimizer step (``gradient_accumulation_steps`` batches of ``batch_size`` pairs each, gradients accumulated):
 
-1. policy log-probs of chosen and rejected responses in ONE forward over the concatenated ``2B`` batch
-   (:func:`udrra.lm.logprobs.sequence_logps`, fp32, response tokens only);
-2. reference log-probs of the same batch under ``torch.no_grad()`` (zeros when the algorithm has no
-   reference, e.g. SimPO);
+1. :class:`udrra.lm.producers.OfflinePairs` collects the next pairs of a seeded shuffle with their reference
+   log-probs under ``torch.no_grad()`` (zeros when the algorithm has no reference, e.g. SimPO);
+2. it attaches the policy log-probs of chosen and rejected responses, ONE forward over the concatenated ``2B``
+   batch (:func:`udrra.lm.logprobs.sequence_logps`, fp32, response tokens only), with gradient;
 3. a :class:`udrra.batch.PairBatch` (weights ``1/B``, labels 1, lengths = response token counts) →
-   ``algorithm.loss(batch)`` → backward → AdamW step;
-4. reference update per the algorithm's ``[reference]`` table: ``frozen``; ``ema`` with ``decay``
-   (``ref ← decay·ref + (1-decay)·policy`` after every step); ``reset_every`` with ``every`` (the policy's
-   weights are copied into the reference after every ``every``-th step).
+   ``algorithm.loss(batch)`` → backward (``accelerator.backward``) → gradient clipping → AdamW step;
+4. the reference update per the algorithm's ``[reference]`` table (:class:`udrra.loop.ReferenceUpdate`, as in
+   every world): ``frozen``; ``ema`` with ``decay`` (``ref ← decay·ref + (1-decay)·policy`` after every
+   optimizer step); ``reset_every`` with ``every`` (the policy's weights are copied into the reference after
+   every ``every``-th optimizer step).
 
-Held-out evaluation (before training, every ``eval_steps`` and after): loss, implicit-reward accuracy (ties
-count 0.5) and margin, mean chosen / rejected log-probs, log-prob ranking accuracy (share of pairs with
-``log π(chosen) > log π(rejected)``) and a sampled estimate of KL(π‖π_ref).
+Held-out evaluation (before training, every ``eval_steps`` and after, each after that step's reference update):
+loss, implicit-reward accuracy (ties count 0.5) and margin, mean chosen / rejected log-probs, log-prob ranking
+accuracy (share of pairs with ``log π(chosen) > log π(rejected)``) and a sampled estimate of KL(π‖π_ref).
 
 Output directory (written to a temporary sibling first and renamed at the very end; nothing is created before
 the algorithm, model, data and arguments are validated): the trained model and tokenizer
@@ -29,11 +30,11 @@ import json
 import math
 import os
 import platform
-import random
 import shutil
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -41,12 +42,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..errors import ConfigError, InputError
+from ..loop import ReferenceUpdate, fit
 from .data import (DEFAULT_SPLIT_SEED, BUILTIN_DATASETS, TokenizedPair, collate_pairs, data_dir,
                    load_preference_data, tokenize_pairs, _ALIASES)
-from .logprobs import DEFAULT_CHUNK_TOKENS, backbone_and_head, sequence_logps
+from .logprobs import DEFAULT_CHUNK_TOKENS, backbone_and_head
+from .producers import OfflinePairs, batch_logps, pair_batch, to_device
 
-__all__ = ["PAIR_BASED_ALGORITHMS", "train", "evaluate", "sampled_kl", "sample_responses", "update_reference", "add_train_arguments", "run_from_args",
-           "reference_update_rule"]
+__all__ = ["PAIR_BASED_ALGORITHMS", "train", "evaluate", "sampled_kl", "sample_responses", "update_reference",
+           "add_train_arguments", "run_from_args", "reference_update_rule"]
 
 #: The built-in pair-based algorithms (consume a PairBatch); named in the error for other algorithms.
 PAIR_BASED_ALGORITHMS = ("dpo", "ipo", "cdpo", "rdpo", "hinge", "simpo")
@@ -72,57 +75,24 @@ def _resolve_algorithm(algorithm: Any) -> Any:
 
 def reference_update_rule(algo: Any) -> Tuple[str, Dict[str, Any]]:
     """The reference update of a (pair-based) algorithm as ``(rule, params)``: ``("frozen", {})``,
-    ``("ema", {"decay": d})`` with ``0 < d <= 1`` or ``("reset_every", {"every": n})`` with ``n >= 1``;
-    ``("none", {})`` when the algorithm uses no reference. Raises :class:`ConfigError` otherwise."""
+    ``("ema", {"decay": d})`` or ``("reset_every", {"every": n})`` (:meth:`udrra.loop.ReferenceUpdate.of` its
+    ``[reference]``); ``("none", {})`` when the algorithm uses no reference. Raises :class:`ConfigError` for an
+    unknown rule."""
     if not getattr(algo, "uses_reference", True):
         return "none", {}
-    ref = getattr(getattr(algo, "components", None), "reference", None)
-    params = dict(getattr(ref, "params", {}) or {})
-    rule = str(params.get("update", "frozen"))
-    if rule == "frozen":
-        return "frozen", {}
-    if rule == "ema":
-        try:
-            decay = float(params["decay"])
-        except (KeyError, TypeError, ValueError):
-            raise ConfigError("[reference] update = \"ema\" needs a numeric `decay` in (0, 1]") from None
-        if not 0.0 < decay <= 1.0:
-            raise ConfigError(f"[reference] ema decay must be in (0, 1], got {decay}")
-        return "ema", {"decay": decay}
-    if rule == "reset_every":
-        every = params.get("every")
-        if isinstance(every, bool) or not isinstance(every, (int, float)) or int(every) != every or every < 1:
-            raise ConfigError(f"[reference] update = \"reset_every\" needs an integer `every` >= 1, got {every!r}")
-        return "reset_every", {"every": int(every)}
-    raise ConfigError(f"[reference] update = {rule!r} is not supported by udrra.lm.train; valid: \"frozen\", "
-                      f"\"ema\" (with decay), \"reset_every\" (with every)")
+    u = ReferenceUpdate.of(algo.components.reference)
+    return u.rule, ({"decay": u.decay} if u.rule == "ema" else {"every": u.every} if u.rule == "reset_every" else {})
 
 
-@torch.no_grad()
 def update_reference(reference: Any, policy: Any, rule: str, params: Dict[str, Any], step: int) -> bool:
-    """Apply the reference update rule after optimizer step ``step`` (1-based). Returns True if the reference
-    changed.
-
-    * ``"frozen"`` / ``"none"``: nothing.
-    * ``"ema"``: every parameter ``ref ← ref + (1 − decay)·(policy − ref)`` (= ``decay·ref + (1 − decay)·policy``).
-    * ``"reset_every"``: when ``step % every == 0``, copy every policy parameter into the reference.
-    """
-    if reference is None or rule in ("frozen", "none"):
-        return False
-    pairs = list(zip(reference.parameters(), policy.parameters()))
-    if len(pairs) != len(list(reference.parameters())) or len(pairs) != len(list(policy.parameters())):
-        raise InputError("reference and policy have different parameter lists")
-    if rule == "ema":
-        for pr, pp in pairs:
-            pr.lerp_(pp.detach().to(pr.dtype), 1.0 - float(params["decay"]))
-        return True
-    if rule == "reset_every":
-        if step % int(params["every"]) != 0:
-            return False
-        for pr, pp in pairs:
-            pr.copy_(pp.detach())
-        return True
-    raise ConfigError(f"unknown reference update rule {rule!r}; valid: frozen, ema, reset_every")
+    """Apply ``(rule, params)`` (see :func:`reference_update_rule`; ``"none"`` = ``"frozen"``) after optimizer
+    step ``step`` (1-based) with :class:`udrra.loop.ReferenceUpdate`, the update every world uses. Returns True if
+    the reference changed."""
+    rule = "frozen" if rule == "none" else rule
+    if rule not in ("frozen", "ema", "reset_every"):
+        raise ConfigError(f"unknown reference update rule {rule!r}; valid: frozen, ema, reset_every")
+    return ReferenceUpdate(rule, decay=params.get("decay"), every=params.get("every")).after_step(reference, policy,
+                                                                                                   step)
 
 
 def _check_args(**kw: Any) -> None:
@@ -218,27 +188,13 @@ def _pair_metrics(out: Any, logps: torch.Tensor, B: int) -> Dict[str, float]:
     """Per-batch metrics: the loss's implicit-reward metrics (β·u, the same u the loss uses; accuracy counts
     ties as ½) renamed, plus ``logp_ranking_accuracy`` = share of pairs with log π(chosen) > log π(rejected)."""
     m = {_METRIC_NAMES.get(k, k): float(v) for k, v in dict(out.metrics).items()}
-    m["logp_ranking_accuracy"] = float((logps[:B] > logps[B:]).float().mean())
+    m["logp_ranking_accuracy"] = _ranking_accuracy(logps, B)
     return m
 
 
-def _pair_batch(chosen: torch.Tensor, rejected: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor,
-                len_c: torch.Tensor, len_r: torch.Tensor) -> Any:
-    from ..batch import PairBatch
-
-    B = chosen.shape[0]
-    ones = torch.ones(B, dtype=torch.float32, device=chosen.device)
-    return PairBatch(chosen_logps=chosen, rejected_logps=rejected, ref_chosen_logps=ref_c,
-                     ref_rejected_logps=ref_r, weights=ones / B, labels=ones, chosen_lengths=len_c,
-                     rejected_lengths=len_r).validate()
-
-
-def _to(batch: Dict[str, torch.Tensor], device: Any) -> Dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def _logps(model: Any, b: Dict[str, torch.Tensor], chunk_tokens: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    return sequence_logps(model, b["input_ids"], b["attention_mask"], b["loss_mask"], chunk_tokens=chunk_tokens)
+def _ranking_accuracy(logps: torch.Tensor, B: int) -> float:
+    """Share of the ``B`` pairs (rows ``:B`` chosen, ``B:`` rejected) with log π(chosen) > log π(rejected)."""
+    return float((logps[:B] > logps[B:]).float().mean())
 
 
 def _mean_dicts(ds: Sequence[Tuple[float, Dict[str, float]]]) -> Dict[str, float]:
@@ -285,17 +241,17 @@ def evaluate(algo: Any, policy: Any, reference: Any, rows: Sequence[TokenizedPai
         for bi, s in enumerate(range(0, len(rows), batch_size)):
             chunk = rows[s:s + batch_size]
             B = len(chunk)
-            b = _to(collate_pairs(chunk, pad_token_id), device)
-            lp, nt = _logps(policy, b, chunk_tokens)
+            b = to_device(collate_pairs(chunk, pad_token_id), device)
+            lp, nt = batch_logps(policy, b, chunk_tokens)
             if uses_ref:
                 if bi < len(cache):
                     rp = cache[bi]
                 else:
-                    rp, _ = _logps(reference, b, chunk_tokens)
+                    rp, _ = batch_logps(reference, b, chunk_tokens)
                     cache.append(rp)
             else:
                 rp = torch.zeros_like(lp)
-            out = algo.loss(_pair_batch(lp[:B], lp[B:], rp[:B], rp[B:], nt[:B], nt[B:]))
+            out = algo.loss(pair_batch(lp[:B], lp[B:], rp[:B], rp[B:], nt[:B], nt[B:]))
             parts.append((float(B), _pair_metrics(out, lp, B)))
             n += B
     finally:
@@ -367,10 +323,10 @@ def sampled_kl(policy: Any, reference: Any, prompts: Sequence[Sequence[int]], *,
         rows = []
         for p, r in zip(prompts, resp):
             rows.append(TokenizedPair(list(p), list(p) + r, list(p) + r))
-        b = _to(collate_pairs(rows, pad_token_id), device)
+        b = to_device(collate_pairs(rows, pad_token_id), device)
         b = {k: (v[:n] if v.dim() else v) for k, v in b.items()}  # chosen half only (== rejected here)
-        lp, nt = _logps(policy, b, chunk_tokens)
-        rp, _ = _logps(reference, b, chunk_tokens)
+        lp, nt = batch_logps(policy, b, chunk_tokens)
+        rp, _ = batch_logps(reference, b, chunk_tokens)
     finally:
         policy.train(was_training)
     d = (lp - rp).double()
@@ -442,40 +398,136 @@ def train(algorithm: Any, model: Any, dataset: Any, *, output_dir: Any, tokenize
                dtype=str(dtype).replace("torch.", ""), split_seed=split_seed, chunk_tokens=chunk_tokens)
     _check_args(**cfg)
 
-    # ---- validate everything before anything is written
     out_dir = _check_output_dir(output_dir, overwrite)
-    algo = _resolve_algorithm(algorithm)
-    if not bool(getattr(algo, "pair_based", False)):
-        raise ConfigError(f"algorithm {getattr(algo, 'name', '?')!r} does not consume preference pairs; "
-                          f"udrra.lm.train supports the pair-based algorithms ({', '.join(PAIR_BASED_ALGORITHMS)})")
-    src = getattr(getattr(algo, "components", None), "source", None)
-    src_kind = getattr(src, "kind", "offline_pairs")
-    if src_kind != "offline_pairs":
-        raise ConfigError(f"algorithm {algo.name!r} has [source] kind = {src_kind!r}, which samples pairs from the "
-                          f"policy during training; udrra.lm.train trains on a fixed preference dataset (kind "
-                          f"\"offline_pairs\"); to train it on offline data anyway, override "
-                          f"source.kind=offline_pairs")
+    inp = _load_inputs(algorithm, model, tokenizer, dataset, cfg, dtype, allow_hub)  # validated before any write
+    tmp_dir, created_parents = _temp_output_dir(out_dir)
+    s: Optional[_Session] = None
+    try:
+        s = _setup(inp.policy, inp.algo, cfg, tmp_dir)
+        result = _run(inp, s, cfg, tmp_dir, progress=progress, verbose=verbose)
+        result["wall_time_s"] = time.time() - t_start
+        (tmp_dir / "metrics.json").write_text(json.dumps(result, indent=2, default=_json_default))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp_dir, out_dir)
+    except BaseException:
+        _discard(tmp_dir, created_parents, s)
+        raise
+    if verbose:
+        _print_summary(result, out_dir)
+    result["output_dir"] = str(out_dir)
+    return result
+
+
+@dataclass
+class _Inputs:
+    """The validated inputs of a run: the algorithm and its reference update, the model, the tokenised data."""
+
+    algo: Any
+    rule: str
+    rule_params: Dict[str, Any]
+    policy: Any
+    tok: Any
+    model_name: str
+    data: Any
+    train_rows: List[TokenizedPair]
+    tstats: Any
+    eval_rows: List[TokenizedPair]
+    estats: Any
+
+
+def _load_inputs(algorithm: Any, model: Any, tokenizer: Any, dataset: Any, cfg: Dict[str, Any], dtype: torch.dtype,
+                 allow_hub: bool) -> _Inputs:
+    """Resolve and check the algorithm, the model and the data (cheap checks before the slow loads)."""
+    algo = _pair_algorithm(algorithm)
     rule, rule_params = reference_update_rule(algo)
-    uses_ref = bool(getattr(algo, "uses_reference", True))
     _precheck_dataset(dataset, allow_hub)
     policy, tok, model_name = _resolve_model(model, tokenizer, dtype)
     backbone_and_head(policy)  # raises InputError for unsupported heads
     if not any(p.requires_grad for p in policy.parameters()):
         raise InputError("the model has no trainable parameters (all requires_grad=False)")
-    data = load_preference_data(dataset, tok, seed=split_seed, allow_hub=allow_hub)
-    train_rows, tstats = tokenize_pairs(tok, data.train, max_length=max_length, max_prompt_length=max_prompt_length)
-    n_eval = min(int(eval_pairs), len(data.eval))
-    eval_rows, estats = tokenize_pairs(tok, data.eval[:n_eval], max_length=max_length,
-                                       max_prompt_length=max_prompt_length)
-    if len(train_rows) < batch_size:
-        raise InputError(f"the training split has {len(train_rows)} pairs, fewer than batch_size={batch_size}")
-    pad_id, eos_id = int(tok.pad_token_id), int(tok.eos_token_id)
+    data = load_preference_data(dataset, tok, seed=cfg["split_seed"], allow_hub=allow_hub)
+    lengths = dict(max_length=cfg["max_length"], max_prompt_length=cfg["max_prompt_length"])
+    train_rows, tstats = tokenize_pairs(tok, data.train, **lengths)
+    eval_rows, estats = tokenize_pairs(tok, data.eval[:min(int(cfg["eval_pairs"]), len(data.eval))], **lengths)
+    if len(train_rows) < cfg["batch_size"]:
+        raise InputError(f"the training split has {len(train_rows)} pairs, fewer than batch_size={cfg['batch_size']}")
+    return _Inputs(algo, rule, rule_params, policy, tok, model_name, data, train_rows, tstats, eval_rows, estats)
 
-    # ---- now create the temporary output directory
-    from accelerate import Accelerator
-    from accelerate.utils import is_tensorboard_available, set_seed
-    from tqdm.auto import tqdm
 
+def _run(inp: _Inputs, s: "_Session", cfg: Dict[str, Any], tmp_dir: Path, *, progress: bool,
+         verbose: bool) -> Dict[str, Any]:
+    """Evaluate, train, evaluate, save the model into ``tmp_dir``; returns ``metrics.json`` less ``wall_time_s``."""
+    algo, rule = inp.algo, inp.rule
+    if s.log_with:
+        hp = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in cfg.items()}
+        hp.update(algorithm=str(algo.name), beta=float(algo.beta), model=inp.model_name, dataset=str(inp.data.name),
+                  reference_update=rule)
+        s.accelerator.init_trackers("tensorboard", config=hp)
+    run_info = _run_info(inp, s)
+    if verbose:
+        print(f"[udrra train] {algo.name} (beta={float(algo.beta):g}, reference {rule}) on {inp.model_name} "
+              f"({s.n_params:,} parameters, {s.accelerator.device})")
+        print(f"[udrra train] data: {inp.data.describe()}")
+        print(f"[udrra train] truncation: train {inp.tstats.describe()}; eval {inp.estats.describe()}")
+    pad_id, eos_id = int(inp.tok.pad_token_id), int(inp.tok.eos_token_id)
+    kl_rows = inp.eval_rows[:min(int(cfg["kl_prompts"]), len(inp.eval_rows))] if s.reference is not None else []
+    evaluator = _Evaluator(algo, s, inp.eval_rows, kl_rows, cfg, pad_id, eos_id, frozen=rule == "frozen")
+    before = evaluator(0)
+    producer = OfflinePairs(inp.train_rows, batch_size=cfg["batch_size"], pad_token_id=pad_id,
+                            device=s.accelerator.device, policy=s.policy, reference=s.reference, seed=cfg["seed"],
+                            chunk_tokens=cfg["chunk_tokens"])
+    log_history, step_times, train_time = _train_steps(
+        algo, s, producer, evaluator, cfg, progress=progress and s.accelerator.is_local_main_process)
+    after = evaluator(cfg["max_steps"])
+    _save_model(s, inp.tok, algo, tmp_dir, cfg["gradient_checkpointing"])
+    timed = step_times[1:] if len(step_times) > 1 else step_times
+    result: Dict[str, Any] = {
+        "config": cfg,
+        **run_info,
+        "eval_before": before,
+        "eval_after": after,
+        "eval_history": evaluator.history,
+        "log_history": log_history,
+        "wall_time_s": None,  # filled in by train
+        "train_time_s": train_time,
+        "seconds_per_step": sum(timed) / len(timed),
+        "seconds_per_step_note": "mean over steps after the first" if len(step_times) > 1 else "one step",
+        "pairs_seen": producer.pairs_seen,
+        "peak_rss_mb": _peak_rss_mb(),
+        "versions": _versions(),
+        "device": str(s.accelerator.device),
+        "finished": datetime.now().isoformat(timespec="seconds"),
+    }
+    if torch.cuda.is_available():
+        result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    if s.log_with:
+        s.accelerator.end_training()
+    return result
+
+
+def _pair_algorithm(algorithm: Any) -> Any:
+    """The loaded algorithm; :class:`ConfigError` unless it is pair-based and trains on offline pairs."""
+    algo = _resolve_algorithm(algorithm)
+    if not bool(getattr(algo, "pair_based", False)):
+        raise ConfigError(f"algorithm {getattr(algo, 'name', '?')!r} does not consume preference pairs; "
+                          f"udrra.lm.train supports the pair-based algorithms ({', '.join(PAIR_BASED_ALGORITHMS)})")
+    src_kind = _source_kind(algo)
+    if src_kind != "offline_pairs":
+        raise ConfigError(f"algorithm {algo.name!r} has [source] kind = {src_kind!r}, which samples pairs from the "
+                          f"policy during training; udrra.lm.train trains on a fixed preference dataset (kind "
+                          f"\"offline_pairs\"); to train it on offline data anyway, override "
+                          f"source.kind=offline_pairs")
+    return algo
+
+
+def _source_kind(algo: Any) -> str:
+    return getattr(getattr(getattr(algo, "components", None), "source", None), "kind", "offline_pairs")
+
+
+def _temp_output_dir(out_dir: Path) -> Tuple[Path, List[Path]]:
+    """Create ``out_dir``'s parents and a fresh temporary sibling; returns it and the parents created (deepest
+    first)."""
     created_parents = []
     p = out_dir.parent
     while not p.exists():
@@ -484,224 +536,213 @@ def train(algorithm: Any, model: Any, dataset: Any, *, output_dir: Any, tokenize
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp_dir.mkdir()
-    accelerator = None
-    try:
-        set_seed(seed)
-        log_with = "tensorboard" if is_tensorboard_available() else None
-        accelerator = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps, log_with=log_with,
-                                  project_dir=str(tmp_dir))
-        device = accelerator.device
-        if disable_dropout:
-            _disable_dropout(policy)
-        if gradient_checkpointing:
-            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        policy.to(device)
-        reference = None
-        if uses_ref:
-            from .models import make_reference
+    return tmp_dir, created_parents
 
-            reference = make_reference(policy).to(device)
-        n_params = sum(p.numel() for p in policy.parameters())
-        trainable = [p for p in policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps > 0 else 1.0)
-        policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
-        unwrapped = accelerator.unwrap_model(policy)
-        if log_with:
-            hp = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in cfg.items()}
-            hp.update(algorithm=str(algo.name), beta=float(algo.beta), model=model_name, dataset=str(data.name),
-                      reference_update=rule)
-            accelerator.init_trackers("tensorboard", config=hp)
 
-        run_info = {
-            "algorithm": {"name": str(algo.name), "beta": float(algo.beta), "uses_reference": uses_ref,
-                          "reference_update": {"rule": rule, **rule_params},
-                          "implicit_reward": ("beta * " + ("(logp - ref_logp)" if uses_ref else "logp") +
-                                              (" / response_tokens" if (getattr(algo.components.reference, "params",
-                                               None) or {}).get("length_normalize") else "")),
-                          "source": src_kind},
-            "model": {"name": model_name, "class": type(unwrapped).__name__, "parameters": int(n_params),
-                      "dtype": str(next(unwrapped.parameters()).dtype).replace("torch.", "")},
-            "data": {"name": data.name, "summary": data.describe(), **data.info,
-                     "train_pairs": len(train_rows), "eval_pairs_available": len(data.eval),
-                     "eval_pairs_used": len(eval_rows), "test_pairs": len(data.test),
-                     "eval_rows": f"first {len(eval_rows)} rows of the {data.info.get('eval_split', 'eval')} split"},
-            "truncation": {"train": tstats.as_dict(), "eval": estats.as_dict()},
-        }
-        if verbose:
-            print(f"[udrra train] {algo.name} (beta={float(algo.beta):g}, reference {rule}) on {model_name} "
-                  f"({n_params:,} parameters, {device})")
-            print(f"[udrra train] data: {data.describe()}")
-            print(f"[udrra train] truncation: train {tstats.describe()}; eval {estats.describe()}")
+def _discard(tmp_dir: Path, created_parents: List[Path], s: Optional["_Session"]) -> None:
+    """After a failure: close the trackers, remove the temporary directory and the parents created for it."""
+    if s is not None and s.log_with:
+        try:
+            s.accelerator.end_training()
+        except Exception:
+            pass
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    for q in created_parents:  # parents we made, deepest first
+        try:
+            q.rmdir()
+        except OSError:
+            break
 
-        kl_rows = eval_rows[:min(int(kl_prompts), len(eval_rows))] if uses_ref else []
 
-        def run_eval(step: int, cache: Optional[List]) -> Tuple[Dict[str, float], Optional[List]]:
-            if not eval_rows:
-                return {}, cache
-            t0 = time.time()
-            m, cache = evaluate(algo, unwrapped, reference, eval_rows, batch_size=batch_size, pad_token_id=pad_id,
-                                ref_cache=cache, chunk_tokens=chunk_tokens)
-            if kl_rows:
-                m.update(sampled_kl(unwrapped, reference, [r.prompt_ids for r in kl_rows],
-                                    max_new_tokens=kl_max_new_tokens, seed=seed * 100003 + step,
-                                    pad_token_id=pad_id, eos_token_id=eos_id, chunk_tokens=chunk_tokens))
-            m["seconds"] = time.time() - t0
-            m = {f"eval/{k}": v for k, v in m.items()}
-            m["step"] = step
-            accelerator.log({k: v for k, v in m.items() if k != "step"}, step=step)
-            return m, (cache if rule == "frozen" else None)
+@dataclass
+class _Session:
+    """The prepared training objects: ``policy`` (as prepared by accelerate; ``unwrapped`` is the model itself),
+    ``reference`` (None without one), AdamW ``optimizer`` over ``trainable`` and its LR ``scheduler``."""
 
-        eval_history = []
-        ref_cache: Optional[List] = [] if rule == "frozen" else None
-        before, ref_cache = run_eval(0, ref_cache)
-        if before:
-            eval_history.append(before)
+    accelerator: Any
+    log_with: Optional[str]
+    policy: Any
+    unwrapped: Any
+    reference: Any
+    optimizer: Any
+    scheduler: Any
+    trainable: List[torch.Tensor]
+    n_params: int
 
-        # ---- training loop
-        rng = random.Random(seed)
-        order: List[int] = []
-        epoch = -1
-        pos = 0
 
-        def next_rows() -> List[TokenizedPair]:
-            nonlocal order, epoch, pos
-            if pos + batch_size > len(order):
-                epoch += 1
-                order = list(range(len(train_rows)))
-                rng.shuffle(order)
-                pos = 0
-            idx = order[pos:pos + batch_size]
-            pos += batch_size
-            return [train_rows[i] for i in idx]
+def _setup(policy: Any, algo: Any, cfg: Dict[str, Any], tmp_dir: Path) -> _Session:
+    """Seed, accelerate (tensorboard logs into ``tmp_dir`` when available), dropout off, gradient checkpointing,
+    the reference copy, AdamW and the linear warm-up schedule. Gradient accumulation is :func:`udrra.loop.fit`'s
+    (``accumulate``), so the accelerator accumulates nothing itself."""
+    from accelerate import Accelerator
+    from accelerate.utils import is_tensorboard_available, set_seed
 
-        policy.train()
-        log_history: List[Dict[str, Any]] = []
-        window: List[Tuple[float, Dict[str, float]]] = []
-        step_times: List[float] = []
-        tokens_seen = 0
-        pairs_seen = 0
-        bar = tqdm(total=max_steps, desc=f"udrra {algo.name}", disable=not (progress and
-                                                                          accelerator.is_local_main_process))
-        t_train = time.time()
-        for step in range(1, max_steps + 1):
-            t0 = time.time()
-            step_metrics: List[Tuple[float, Dict[str, float]]] = []
-            grad_norm = float("nan")
-            for _ in range(gradient_accumulation_steps):
-                rows = next_rows()
-                B = len(rows)
-                b = _to(collate_pairs(rows, pad_id), device)
-                with accelerator.accumulate(policy):
-                    lp, nt = _logps(policy, b, chunk_tokens)
-                    if reference is not None:
-                        with torch.no_grad():
-                            rp, _ = _logps(reference, b, chunk_tokens)
-                    else:
-                        rp = torch.zeros_like(lp).detach()
-                    pb = _pair_batch(lp[:B], lp[B:], rp[:B], rp[B:], nt[:B], nt[B:])
-                    out = algo.loss(pb)
-                    if not torch.isfinite(out.loss.detach()):
-                        raise InputError(f"step {step}: the loss is {float(out.loss)} (not finite); lower the learning "
-                                         f"rate or check the data")
-                    accelerator.backward(out.loss)
-                    if accelerator.sync_gradients and max_grad_norm is not None:
-                        grad_norm = float(accelerator.clip_grad_norm_(trainable, max_grad_norm))
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                md = _pair_metrics(out, lp.detach(), B)
-                step_metrics.append((float(B), md))
-                tokens_seen += int(b["attention_mask"].sum())
-                pairs_seen += B
-            update_reference(reference, unwrapped, rule, rule_params, step)
-            dt = time.time() - t0
-            step_times.append(dt)
-            sm = _mean_dicts(step_metrics)
-            sm["grad_norm"] = grad_norm
-            sm["lr"] = float(scheduler.get_last_lr()[0])
-            sm["seconds"] = dt
-            window.append((1.0, sm))
-            bar.update(1)
-            bar.set_postfix(loss=f"{sm['loss']:.4f}", acc=f"{sm['reward_accuracy']:.2f}")
-            if step % logging_steps == 0 or step == max_steps:
-                lm = {f"train/{k}": v for k, v in _mean_dicts(window).items()}
-                lm["train/epoch"] = pairs_seen / len(train_rows)
-                lm["train/tokens_per_second"] = tokens_seen / max(time.time() - t_train, 1e-9)
-                accelerator.log(lm, step=step)
-                log_history.append({"step": step, **lm})
-                window = []
-            if eval_steps and step % eval_steps == 0 and step != max_steps:
-                m, ref_cache = run_eval(step, ref_cache)
-                if m:
-                    eval_history.append(m)
-        bar.close()
-        train_time = time.time() - t_train
-        after, _ = run_eval(max_steps, ref_cache)
-        if after:
-            eval_history.append(after)
+    set_seed(cfg["seed"])
+    log_with = "tensorboard" if is_tensorboard_available() else None
+    accelerator = Accelerator(log_with=log_with, project_dir=str(tmp_dir))
+    if cfg["disable_dropout"]:
+        _disable_dropout(policy)
+    if cfg["gradient_checkpointing"]:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy.to(accelerator.device)
+    reference = None
+    if bool(getattr(algo, "uses_reference", True)):
+        from .models import make_reference
 
-        # ---- save
-        unwrapped = accelerator.unwrap_model(policy)
-        from .models import strip_quantization_marker
+        reference = make_reference(policy).to(accelerator.device)
+    n_params = sum(p.numel() for p in policy.parameters())
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"])
+    warmup = cfg["warmup_steps"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0
+                                                  else 1.0)
+    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    return _Session(accelerator, log_with, policy, accelerator.unwrap_model(policy), reference, optimizer, scheduler,
+                    trainable, n_params)
 
-        strip_quantization_marker(unwrapped)
-        if gradient_checkpointing:
-            unwrapped.gradient_checkpointing_disable()
-        unwrapped.save_pretrained(str(tmp_dir), safe_serialization=True)
-        tok.save_pretrained(str(tmp_dir))
-        (tmp_dir / "algorithm.toml").write_text(algo.to_toml())
-        umask = os.umask(0)
-        os.umask(umask)
-        for f in tmp_dir.iterdir():  # some writers create 0600 temp files; give every file the umask default
-            if f.is_file():
-                f.chmod(0o666 & ~umask)
-        peak_rss_mb = _peak_rss_mb()
-        timed = step_times[1:] if len(step_times) > 1 else step_times
-        result: Dict[str, Any] = {
-            "config": cfg,
-            **run_info,
-            "eval_before": before,
-            "eval_after": after,
-            "eval_history": eval_history,
-            "log_history": log_history,
-            "wall_time_s": None,  # filled below
-            "train_time_s": train_time,
-            "seconds_per_step": sum(timed) / len(timed),
-            "seconds_per_step_note": "mean over steps after the first" if len(step_times) > 1 else "one step",
-            "pairs_seen": pairs_seen,
-            "peak_rss_mb": peak_rss_mb,
-            "versions": _versions(),
-            "device": str(device),
-            "finished": datetime.now().isoformat(timespec="seconds"),
-        }
-        if torch.cuda.is_available():
-            result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
-        if log_with:
-            accelerator.end_training()
-        result["wall_time_s"] = time.time() - t_start
-        (tmp_dir / "metrics.json").write_text(json.dumps(result, indent=2, default=_json_default))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp_dir, out_dir)
-    except BaseException:
-        if accelerator is not None and log_with:
-            try:
-                accelerator.end_training()
-            except Exception:
-                pass
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        for q in created_parents:  # parents we made, deepest first
-            try:
-                q.rmdir()
-            except OSError:
-                break
-        raise
-    if verbose:
-        _print_summary(result, out_dir)
-    result["output_dir"] = str(out_dir)
-    return result
+
+def _run_info(inp: _Inputs, s: _Session) -> Dict[str, Any]:
+    """The run's description in ``metrics.json``: algorithm, model, data and truncation."""
+    algo, data = inp.algo, inp.data
+    uses_ref = bool(getattr(algo, "uses_reference", True))
+    normalize = (getattr(algo.components.reference, "params", None) or {}).get("length_normalize")
+    return {
+        "algorithm": {"name": str(algo.name), "beta": float(algo.beta), "uses_reference": uses_ref,
+                      "reference_update": {"rule": inp.rule, **inp.rule_params},
+                      "implicit_reward": ("beta * " + ("(logp - ref_logp)" if uses_ref else "logp") +
+                                          (" / response_tokens" if normalize else "")),
+                      "source": _source_kind(algo)},
+        "model": {"name": inp.model_name, "class": type(s.unwrapped).__name__, "parameters": int(s.n_params),
+                  "dtype": str(next(s.unwrapped.parameters()).dtype).replace("torch.", "")},
+        "data": {"name": data.name, "summary": data.describe(), **data.info,
+                 "train_pairs": len(inp.train_rows), "eval_pairs_available": len(data.eval),
+                 "eval_pairs_used": len(inp.eval_rows), "test_pairs": len(data.test),
+                 "eval_rows": f"first {len(inp.eval_rows)} rows of the {data.info.get('eval_split', 'eval')} split"},
+        "truncation": {"train": inp.tstats.as_dict(), "eval": inp.estats.as_dict()},
+    }
+
+
+class _Evaluator:
+    """Held-out evaluation of the current policy against the current reference (:func:`evaluate`, plus
+    :func:`sampled_kl` on the first ``kl_prompts`` held-out prompts), logged as ``eval/...`` and kept in
+    ``history``. The reference's held-out log-probs are computed once when the reference is ``frozen``."""
+
+    def __init__(self, algo: Any, s: _Session, eval_rows: Sequence[TokenizedPair],
+                 kl_rows: Sequence[TokenizedPair], cfg: Dict[str, Any], pad_id: int, eos_id: int, *, frozen: bool):
+        self.algo, self.s, self.eval_rows, self.kl_rows, self.cfg = algo, s, eval_rows, kl_rows, cfg
+        self.pad_id, self.eos_id, self.frozen = pad_id, eos_id, frozen
+        self.cache: Optional[List] = [] if frozen else None
+        self.history: List[Dict[str, Any]] = []
+
+    def __call__(self, step: int) -> Dict[str, Any]:
+        """Evaluate after optimizer step ``step`` (0: before training); ``{}`` without held-out rows."""
+        if not self.eval_rows:
+            return {}
+        t0, cfg, s = time.time(), self.cfg, self.s
+        m, cache = evaluate(self.algo, s.unwrapped, s.reference, self.eval_rows, batch_size=cfg["batch_size"],
+                            pad_token_id=self.pad_id, ref_cache=self.cache, chunk_tokens=cfg["chunk_tokens"])
+        self.cache = cache if self.frozen else None
+        if self.kl_rows:
+            m.update(sampled_kl(s.unwrapped, s.reference, [r.prompt_ids for r in self.kl_rows],
+                                max_new_tokens=cfg["kl_max_new_tokens"], seed=cfg["seed"] * 100003 + step,
+                                pad_token_id=self.pad_id, eos_token_id=self.eos_id, chunk_tokens=cfg["chunk_tokens"]))
+        m["seconds"] = time.time() - t0
+        m = {f"eval/{k}": v for k, v in m.items()}
+        m["step"] = step
+        s.accelerator.log({k: v for k, v in m.items() if k != "step"}, step=step)
+        self.history.append(m)
+        return m
+
+
+class _ClippedStep:
+    """The optimizer :func:`udrra.loop.fit` steps: gradient clipping (``grad_norm`` keeps the last norm; NaN
+    without clipping), then the prepared AdamW and the LR schedule, then the gradients are released."""
+
+    def __init__(self, s: _Session, max_grad_norm: Optional[float]):
+        self.s, self.max_grad_norm, self.grad_norm = s, max_grad_norm, float("nan")
+
+    def zero_grad(self) -> None:
+        self.s.optimizer.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        if self.max_grad_norm is not None:
+            self.grad_norm = float(self.s.accelerator.clip_grad_norm_(self.s.trainable, self.max_grad_norm))
+        self.s.optimizer.step()
+        self.s.scheduler.step()
+        self.s.optimizer.zero_grad(set_to_none=True)
+
+
+def _train_steps(algo: Any, s: _Session, producer: OfflinePairs, evaluator: _Evaluator, cfg: Dict[str, Any], *,
+                 progress: bool) -> Tuple[List[Dict[str, Any]], List[float], float]:
+    """``max_steps`` optimizer steps of :func:`udrra.loop.fit` (``gradient_accumulation_steps`` batches each,
+    reference update per the algorithm), logging the training metrics every ``logging_steps`` and evaluating every
+    ``eval_steps`` (between steps, after the reference update). Returns ``(log_history, step_seconds,
+    train_seconds)``."""
+    from tqdm.auto import tqdm
+
+    max_steps, logging_steps, eval_steps = cfg["max_steps"], cfg["logging_steps"], cfg["eval_steps"]
+    opt = _ClippedStep(s, cfg["max_grad_norm"])
+    log_history: List[Dict[str, Any]] = []
+    window: List[Tuple[float, Dict[str, float]]] = []
+    step_times: List[float] = []
+    now = {"step": 0, "t0": 0.0}
+    bar = tqdm(total=max_steps, desc=f"udrra {algo.name}", disable=not progress)
+
+    def before(step: int) -> None:
+        if eval_steps and step > 1 and (step - 1) % eval_steps == 0:
+            evaluator(step - 1)  # after step - 1's reference update
+        now.update(step=step, t0=time.time())
+
+    def backward(loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss.detach()):
+            raise InputError(f"step {now['step']}: the loss is {float(loss)} (not finite); lower the "
+                             f"learning rate or check the data")
+        s.accelerator.backward(loss)
+
+    def after(step: int, out: Any) -> bool:
+        step_times.append(time.time() - now["t0"])
+        records, producer.attached = producer.attached, []
+        sm = {_METRIC_NAMES.get(k, k): float(v) for k, v in dict(out.metrics).items()}
+        acc = [(float(B), _ranking_accuracy(lp, B)) for B, lp in records]
+        sm["logp_ranking_accuracy"] = sum(w * a for w, a in acc) / sum(w for w, _ in acc)
+        sm.update(grad_norm=opt.grad_norm, lr=float(s.scheduler.get_last_lr()[0]), seconds=step_times[-1])
+        window.append((1.0, sm))
+        bar.update(1)
+        bar.set_postfix(loss=f"{sm['loss']:.4f}", acc=f"{sm['reward_accuracy']:.2f}")
+        if step % logging_steps == 0 or step == max_steps:
+            lm = {f"train/{k}": v for k, v in _mean_dicts(window).items()}
+            lm["train/epoch"] = producer.pairs_seen / len(producer.rows)
+            lm["train/tokens_per_second"] = producer.tokens_seen / max(time.time() - t_train, 1e-9)
+            s.accelerator.log(lm, step=step)
+            log_history.append({"step": step, **lm})
+            window.clear()
+        return False
+
+    s.policy.train()
+    t_train = time.time()
+    fit(algo, producer, opt, steps=max_steps, accumulate=cfg["gradient_accumulation_steps"], policy=s.unwrapped,
+        reference=s.reference, reference_update=ReferenceUpdate.of(algo.components.reference), before_step=before,
+        after_step=after, backward=backward)
+    bar.close()
+    return log_history, step_times, time.time() - t_train
+
+
+def _save_model(s: _Session, tok: Any, algo: Any, tmp_dir: Path, gradient_checkpointing: bool) -> None:
+    """The trained model, tokenizer and ``algorithm.toml`` into ``tmp_dir``, every file with the umask's mode."""
+    from .models import strip_quantization_marker
+
+    unwrapped = s.accelerator.unwrap_model(s.policy)
+    strip_quantization_marker(unwrapped)
+    if gradient_checkpointing:
+        unwrapped.gradient_checkpointing_disable()
+    unwrapped.save_pretrained(str(tmp_dir), safe_serialization=True)
+    tok.save_pretrained(str(tmp_dir))
+    (tmp_dir / "algorithm.toml").write_text(algo.to_toml())
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in tmp_dir.iterdir():  # some writers create 0600 temp files; give every file the umask default
+        if f.is_file():
+            f.chmod(0o666 & ~umask)
 
 
 def _peak_rss_mb() -> Optional[float]:
