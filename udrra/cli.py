@@ -140,7 +140,7 @@ def cmd_verify(args) -> int:
         if args.json:
             print(json.dumps(res.to_json()))
             continue
-        print(_result_line(algo.name, res, 12, 15))
+        print(_result_line(algo.name, res, 13, 15))
         for p in range(res.learned.shape[0]):
             if res.target is not None:
                 print(f"       x{p} target  {_fmt_row(res.target[p].tolist())}")
