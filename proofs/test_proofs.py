@@ -4,7 +4,7 @@ evaluates to a non-zero number at a concrete point, so it is not identically 0).
 import sympy as sp
 
 from proofs import dpo, grpo, ipo, iterated_dpo, kl_estimators, kl_regularised, label_noise, margin_losses
-from proofs import policy_gradient, udrra_equivalence
+from proofs import policy_gradient, token_level, udrra_equivalence
 from proofs._common import K, all_zero, boltzmann, nonzero_somewhere, sigmoid
 
 
@@ -236,3 +236,62 @@ def test_11_simpo_two_arm_quadratic():
         lambda z, p, g: (1 - p) / g * z ** 2 - (1 - 2 * p) * z - p / g))
     assert nonzero_somewhere(margin_losses.simpo_two_arm_optimum(
         lambda z, p, g: (1 - p) * g * z ** 2 + (1 - 2 * p) * z - p * g))
+
+
+# ----------------------------------------------------------------- 12 token-level losses on a two-state tree
+def test_12_logit_gradient_is_autograd():
+    for loss in token_level.LOSSES:                  # the chain-rule gradient every proof 12 uses is sympy's own
+        assert all_zero(token_level.logit_gradient_is_autograd(loss)), loss
+
+
+def test_12_token_level_targets():
+    tl = token_level
+    assert all_zero(tl.kl_in_reward_sequence_return_is_sequence_boltzmann())
+    assert all_zero(tl.kl_in_reward_sequence_return_is_sequence_boltzmann(reward_to_go=True))
+    assert all_zero(tl.kl_in_reward_sequence_return_is_sequence_boltzmann(reward_to_go=True, critic=True))
+    assert all_zero(tl.per_token_kl_return_is_per_state_boltzmann())
+    assert all_zero(tl.per_token_k3_is_per_state_forward_kl())
+    assert all_zero(tl.sequence_k3_is_sequence_forward_kl())
+    for n in (2, 3):
+        assert all_zero(tl.dr_grpo_finite_group_advantage(n))
+
+
+def _with(t, beta=None, lam=None):
+    return token_level.Tree(t.ref, t.r, t.beta if beta is None else beta, t.lam if lam is None else lam)
+
+
+def test_12_token_level_rejects_wrong_claims():
+    tl = token_level
+
+    def half(target):                                # the right form at temperature 2β
+        return lambda t: target(_with(t, beta=2 * t.beta))
+
+    # (1) the sequence return's target is the sequence Boltzmann, not the per-state one (no future KL in Q)
+    for wrong in (tl.per_state_boltzmann, half(tl.sequence_boltzmann)):
+        assert nonzero_somewhere(tl.kl_in_reward_sequence_return_is_sequence_boltzmann(wrong))
+        assert nonzero_somewhere(tl.kl_in_reward_sequence_return_is_sequence_boltzmann(wrong, reward_to_go=True))
+        assert nonzero_somewhere(tl.kl_in_reward_sequence_return_is_sequence_boltzmann(wrong, True, critic=True))
+    # (2) the per-token KL return / k2 per token: per-state Boltzmann, not the sequence Boltzmann
+    for wrong in (tl.sequence_boltzmann, half(tl.per_state_boltzmann)):
+        res = tl.per_token_kl_return_is_per_state_boltzmann(wrong)
+        assert nonzero_somewhere(res[:4]) and nonzero_somewhere(res[4:])      # both losses reject it
+    # (3) k3 per token: per state, not the sequence-level forward-KL optimum (λ free) ...
+    for wrong in (tl.sequence_forward_kl, half(tl.per_state_forward_kl), tl.per_state_boltzmann):
+        assert nonzero_somewhere(tl.per_token_k3_is_per_state_forward_kl(wrong))
+    # ... for any λ: state a is stationary only at λ = λ_a (among λ > max r; the sequence conditional there is
+    # then the per-state target), and with that λ the root is not
+    res = tl.per_token_k3_is_per_state_forward_kl(
+        lambda t: tl.sequence_forward_kl(_with(t, lam={"root": t.lam["a"], "a": t.lam["a"]})))
+    assert res[1] == 0 and res[3] == 0 and nonzero_somewhere(res[0])
+    # k3 of the sequence log-ratio: the sequence-level optimum, not the per-state one
+    def plus_sign(t):
+        """β·π_ref(y)/(λ + r(y)). (β → 2β is no perturbation here: as per-state policies it equals β's.)"""
+        return tl.conditionals({y: t.beta * tl.response_prob(t.ref, y) / (t.lam["root"] + t.r[y])
+                                for y in tl.RESPONSES})
+
+    for wrong in (tl.per_state_forward_kl, tl.sequence_boltzmann, plus_sign):
+        assert nonzero_somewhere(tl.sequence_k3_is_sequence_forward_kl(wrong))
+    # (4) the group mean holds the sample's own reward: not the n → ∞ advantage R − E_π R
+    for n in (2, 3):
+        assert nonzero_somewhere(tl.dr_grpo_finite_group_advantage(n, lambda R, m, n: R - m))
+        assert nonzero_somewhere(tl.dr_grpo_finite_group_advantage(n, lambda R, m, n: (n - 1) * (R - m) / (n + 1)))

@@ -69,6 +69,24 @@ PROOFS: Dict[str, Tuple[str, str]] = {
               "hinge loss max(0, 1 − β·h) is zero exactly on h ≥ 1/β: any such margin is optimal"),
     "simpo": ("proofs/margin_losses.py::simpo_two_arm_optimum",
               "SimPO, two single-token arms, margin γ: e^{u*} solves (1−p)e^{−γ}z² + (1−2p)z − p·e^{−γ} = 0"),
+    # token level: a two-state tree (root → a → {aa, ab}, root → b), per-state softmax logits, token-sum aggregation
+    "token_seq_return": ("proofs/token_level.py::kl_in_reward_sequence_return_is_sequence_boltzmann",
+                         "two-state tree, per-token k1 in the reward, return r − β·Σ_t k1_t (γ = 1, ω ≡ 1; outcome "
+                         "baseline, or return-to-go minus any V(s)): the exact logit gradient vanishes at "
+                         "π(y) ∝ π_ref(y)·exp(r(y)/β) over whole responses"),
+    "token_kl_return": ("proofs/token_level.py::per_token_kl_return_is_per_state_boltzmann",
+                        "two-state tree, token t's return r − β·k1_t only, or k2 per token in the loss (ω ≡ 1): "
+                        "stationary at π(a|s) ∝ π_ref(a|s)·exp(Q(s,a)/β), Q = E_π[r|s,a] without the future KL — "
+                        "not the sequence Boltzmann"),
+    "token_k3": ("proofs/token_level.py::per_token_k3_is_per_state_forward_kl",
+                 "two-state tree, k3 per token in the loss, advantage r − b (ω ≡ 1, no std: σ rescales β): "
+                 "stationary at π(a|s) = β·π_ref(a|s)/(λ_s − Q(s,a)) per state — not β·π_ref(y)/(λ − r(y))"),
+    "sequence_k3": ("proofs/token_level.py::sequence_k3_is_sequence_forward_kl",
+                    "two-state tree, k3 of the sequence log-ratio once per response: stationary at "
+                    "β·π_ref(y)/(λ − r(y)) over whole responses"),
+    "group_mean_finite_n": ("proofs/token_level.py::dr_grpo_finite_group_advantage",
+                            "group of n (K = 2; n = 2, 3): the group-mean advantage averaged over the other n − 1 "
+                            "draws is (n − 1)/n·(R(y) − E_π R), so at finite n β acts as β' = β·n/(n − 1)"),
 }
 
 
@@ -109,17 +127,26 @@ def _keys(algorithm) -> Tuple[List[str], Optional[str]]:
     baseline = rw.get("baseline") or "none"
     normalised = baseline in ("group_norm", "batch_norm")
     extra = ["baseline"] if baseline != "none" else []
+    if baseline == "group_mean":
+        extra.append("group_mean_finite_n")
     if ref.kind == "kl_in_reward":
-        return ["kl_optimum", "kl_gibbs", "k1_reward"] + extra, None
+        keys = ["kl_optimum", "kl_gibbs", "k1_reward"] + extra
+        if ref.get("kl_return") == "token":
+            keys.append("token_kl_return")
+        elif s.kind == "on_policy" and (baseline != "gae" or float(rw.get("gamma") or 1.0) == 1.0):
+            keys.append("token_seq_return")
+        return keys, None
     if ref.kind == "kl_in_loss" and float(t["beta"]) > 0:
         est = ref.get("estimator")
+        per_token = ref.get("level", "token") != "sequence"
         if est == "k1":
             return ["k1_loss"], None
         if est == "k2":
-            return ["k2_loss", "kl_optimum"] + extra, None
+            return ["k2_loss", "kl_optimum"] + extra + (["token_kl_return"] if per_token else []), None
+        level = ["token_k3" if per_token else "sequence_k3"]
         if normalised:
-            return ["k3_loss", "grpo", "grpo_objective", "grpo_norm"], None
-        return ["k3_loss", "grpo_mean_only"] + extra, None
+            return ["k3_loss", "grpo", "grpo_objective", "grpo_norm"] + level, None
+        return ["k3_loss", "grpo_mean_only"] + extra + level, None
     return ["unregularised"] + extra, None
 
 
