@@ -104,7 +104,7 @@ from .bandit import Bandit
 from .batch import PairBatch, SampleBatch
 from .components import source as source_mod
 from .components.reward import LINK_TABLE, PAIR_KINDS
-from .components.target import DerivedTarget, derive
+from .components.target import DerivedTarget, _derive_ema, derive, derive_iterated
 from .errors import InputError, TargetError
 
 __all__ = ["SequenceBandit", "SequenceProducer", "derive_sequence", "sequence_target", "train_sequence",
@@ -699,20 +699,9 @@ def derive_sequence(components) -> DerivedTarget:
     else:
         base = _derive_explicit(t, s, rw, ref, beta)
     if update == "reset_every" and base.solve is not None:
-        k = int(ref.get("rounds") or 1)
-        inner = base.solve
-
-        def solve_iter(sb, inner=inner, k=k):
-            pi = None
-            for _ in range(k):
-                pi = inner(sb if pi is None else sb.with_reference_sequence(pi))
-            return pi
-        return DerivedTarget("iterated", f"T^{k}(π_0), T = [{base.formula}]",
-                             f"the reference is reset to the policy after each of k = {k} converged rounds", solve_iter)
+        return derive_iterated(base, int(ref.get("rounds") or 1), lambda sb, pi: sb.with_reference_sequence(pi))
     if update == "ema":
-        return DerivedTarget("argmax", "argmax_y r(x, y)", "an EMA reference follows the policy: the only fixed point "
-                             f"of '{base.formula}' with π_ref = π is the unregularised one (as on the bandit)",
-                             _argmax_seq())
+        return _derive_ema(base, lambda sb: sb.pi_ref_seq)
     return base
 
 

@@ -246,18 +246,7 @@ def derive(components) -> DerivedTarget:
     base = _derive_frozen(t, s, rw, ref, beta)
     update = ref.get("update", "frozen")
     if update == "reset_every" and base.solve is not None:
-        k = int(ref.get("rounds") or 1)
-        inner = base.solve
-
-        def solve_iter(bandit, inner=inner, k=k):
-            pi = None
-            for _ in range(k):
-                pi = inner(bandit if pi is None else bandit.with_reference(pi))
-            return pi
-        note = (f"the reference is reset to the policy after each round; after k = {k} converged rounds the "
-                f"policy is the frozen-reference target applied {k} times, e.g. π_k ∝ π_0·exp(k·r/β) for a "
-                "Boltzmann base (temperature β/k): it drifts toward argmax r as k grows (Xu et al. §4.3 DPO-Iter)")
-        return DerivedTarget("iterated", f"T^{k}(π_0), T = [{base.formula}]", note, solve_iter)
+        return derive_iterated(base, int(ref.get("rounds") or 1), lambda bandit, pi: bandit.with_reference(pi))
     if update == "ema":
         return _derive_ema(base)
     if base.kind != declared and base.note is None:
@@ -266,11 +255,31 @@ def derive(components) -> DerivedTarget:
     return base
 
 
-def _derive_ema(base: DerivedTarget) -> DerivedTarget:
+def derive_iterated(base: DerivedTarget, k: int, with_reference: Callable[[object, Tensor], object]
+                    ) -> DerivedTarget:
+    """A reference reset after each of ``k`` converged rounds: the frozen-reference target applied k times.
+
+    ``with_reference(world, pi)`` is the testbed with π as its reference (``Bandit.with_reference``, or the
+    sequence testbed's ``with_reference_sequence``)."""
+    def solve_iter(world, inner=base.solve):
+        pi = None
+        for _ in range(k):
+            pi = inner(world if pi is None else with_reference(world, pi))
+        return pi
+    note = (f"the reference is reset to the policy after each round; after k = {k} converged rounds the "
+            f"policy is the frozen-reference target applied {k} times, e.g. π_k ∝ π_0·exp(k·r/β) for a "
+            "Boltzmann base (temperature β/k): it drifts toward argmax r as k grows (Xu et al. §4.3 DPO-Iter)")
+    return DerivedTarget("iterated", f"T^{k}(π_0), T = [{base.formula}]", note, solve_iter)
+
+
+def _derive_ema(base: DerivedTarget, pi_ref_of: Callable[[object], Tensor] = lambda b: b.pi_ref
+                ) -> DerivedTarget:
     """An EMA reference follows the policy. With a frozen reference the composition reaches π* with a log-ratio
     v = log π*/π_ref; tracking the policy, each round multiplies the policy by e^{v} again (π_k ∝ π_0·e^{k·v}), so
     the limit puts all mass on argmax_y v(x, y) within π_0's support — argmax r for the KL-regularised
-    compositions, argmax of the fitted preference score for IPO-type links (Xu et al. 2404.10719 §5, Ref-EMA)."""
+    compositions, argmax of the fitted preference score for IPO-type links (Xu et al. 2404.10719 §5, Ref-EMA).
+    ``pi_ref_of(world)`` gives the reference over the world's responses (whole responses on the sequence testbed).
+    """
     if base.solve is None:
         def none(bandit):
             raise TargetError(f"an EMA reference with target '{base.formula}': the frozen-reference target is a set, "
@@ -279,10 +288,10 @@ def _derive_ema(base: DerivedTarget) -> DerivedTarget:
         return DerivedTarget("argmax", "argmax_y v(x, y) of the frozen target (none: that target is a set)",
                              "EMA reference over a set-valued target: no unique limit", none)
 
-    def solve(bandit, inner=base.solve):
-        pi = inner(bandit)
-        v = torch.log(pi.clamp_min(1e-300)) - bandit.log_pi_ref
-        v = torch.where(bandit.pi_ref > 0, v, torch.full_like(v, -float("inf")))
+    def solve(world, inner=base.solve):
+        pi, ref = inner(world), pi_ref_of(world)
+        v = torch.log(pi.clamp_min(1e-300)) - torch.log(ref.clamp_min(1e-300))
+        v = torch.where(ref > 0, v, torch.full_like(v, -float("inf")))
         return argmax_policy(v)
     return DerivedTarget("argmax", "argmax_y v(x, y), v = log π*/π_ref of the frozen-reference target π*",
                          "an EMA reference follows the policy: with a frozen reference the composition reaches π* = "
