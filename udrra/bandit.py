@@ -18,7 +18,7 @@ from .batch import PairBatch, SampleBatch
 from .components import source as source_mod
 from .errors import InputError, TargetError
 
-__all__ = ["Bandit", "response_logps", "draw_indices", "make_batch", "bandit_batch", "LOG_ZERO"]
+__all__ = ["Bandit", "response_logps", "draw_indices", "draw_rows", "make_batch", "bandit_batch", "LOG_ZERO"]
 
 #: log π_ref used for responses outside the reference's support: log(1e-30) ≈ −69.1 nats, so log-ratios stay
 #: finite while exp(LOG_ZERO) is negligible next to any supported response.
@@ -179,8 +179,15 @@ def draw_indices(algorithm, bandit: Bandit, logits: Tensor, *, exact: bool, batc
         exact: enumerate the population (weights = probabilities) instead of sampling.
         batch_size: pairs, or groups of ``n`` samples, per prompt when sampling.
     """
+    return draw_rows(algorithm, bandit, torch.softmax(logits.detach(), -1), exact=exact, batch_size=batch_size,
+                     generator=generator)
+
+
+def draw_rows(algorithm, bandit: Bandit, probs: Tensor, *, exact: bool, batch_size: int = 64,
+              generator: Optional[torch.Generator] = None) -> source_mod.IndexBatch:
+    """:func:`draw_indices` from the policy's ``(P, K)`` probabilities (the sequence testbed passes π(y|x) over
+    whole responses, with its bandit view as ``bandit``)."""
     src = algorithm.components.source
-    probs = torch.softmax(logits.detach(), -1)
     if algorithm.pair_based:
         return (source_mod.pair_population(src, bandit, probs) if exact
                 else source_mod.pair_sample(src, bandit, probs, batch_size, generator))

@@ -100,7 +100,7 @@ import torch
 from scipy.optimize import brentq
 from torch import Tensor
 
-from .bandit import Bandit
+from .bandit import Bandit, draw_rows
 from .batch import PairBatch, SampleBatch
 from .components import source as source_mod
 from .components.reward import LINK_TABLE, PAIR_KINDS
@@ -417,15 +417,9 @@ class SequenceProducer:
         self._old: Optional[Tensor] = None
 
     def _draw(self, logits: Tensor) -> source_mod.IndexBatch:
-        src = self.algorithm.components.source
         probs = torch.exp(self.sb.sequence_logps(logits.detach()))
-        probs = probs / probs.sum(-1, keepdim=True)
-        view = self.sb.to_bandit()
-        if self.algorithm.pair_based:
-            return (source_mod.pair_population(src, view, probs) if self.exact
-                    else source_mod.pair_sample(src, view, probs, self.batch_size, self.generator))
-        return (source_mod.sample_population(src, view, probs) if self.exact
-                else source_mod.sample_draw(src, view, probs, self.batch_size, self.generator))
+        return draw_rows(self.algorithm, self.sb.to_bandit(), probs / probs.sum(-1, keepdim=True), exact=self.exact,
+                         batch_size=self.batch_size, generator=self.generator)
 
     def _token_logps(self, logits: Tensor, prompt: Tensor, response: Tensor) -> Tuple[Tensor, Tensor]:
         states, tokens, mask = self.sb.rows(prompt, response)
@@ -1033,7 +1027,7 @@ def verify_sequence(algorithm, sb: SequenceBandit, *, exact: bool = True, steps:
         margins / LP gap as on the bandit; an exact hinge run with a frozen reference that misses it continues with
         Adam in stages of shrinking steps (:data:`HINGE_POLISH_STEPS`, ``steps`` more in all).
     """
-    from .verify import EXACT_TOL, SAMPLED_TOL, VerifyResult, _hinge_check, _kl, total_variation
+    from .verify import EXACT_TOL, SAMPLED_TOL, VerifyResult, judge
     tolerance = tolerance if tolerance is not None else (EXACT_TOL if exact else SAMPLED_TOL)
     reason = None
     target = derived = None
@@ -1049,26 +1043,16 @@ def verify_sequence(algorithm, sb: SequenceBandit, *, exact: bool = True, steps:
     learned, total, history, logits = _train_sequence(
         algorithm, sb, exact=exact, steps=steps, seed=seed, lr=lr, batch_size=batch_size, init_logits=init_logits,
         log_every=log_every, target=target, optimizer=None, lr_decay=None, average=None, early_stop=None)
-    nan = float("nan")
     if derived is None:
+        nan = float("nan")
         return VerifyResult(algorithm.name, None, learned, nan, nan, total, history, tolerance, False, "none", reason)
-    if target is None:
-        passed, viol, gap, opt = _hinge_check(algorithm, sb.to_bandit(), learned, derived, tolerance)
-        if not passed and exact and algorithm.components.reference.get("update", "frozen") == "frozen":
-            # stochastic labels (an LP face) or a stalled margin: continue from the final logits with Adam in
-            # stages of shrinking steps (β·u units), so that it first travels along the kinks and then settles
-            per_stage = max(1, (steps or 3000) // len(HINGE_POLISH_STEPS))
-            for step_x in HINGE_POLISH_STEPS:
-                learned, n_more, hist_more, logits = _train_sequence(
-                    algorithm, sb, exact=True, steps=per_stage, seed=seed, lr=step_x / algorithm.beta,
-                    batch_size=batch_size, init_logits=logits - sb.log_ref_logits, log_every=log_every, target=None,
-                    optimizer="adam", lr_decay=True, average=False, early_stop=False)
-                history = history + [{**rec, "step": rec["step"] + total} for rec in hist_more]
-                total += n_more
-            passed, viol, gap, opt = _hinge_check(algorithm, sb.to_bandit(), learned, derived, tolerance)
-        return VerifyResult(algorithm.name, None, learned, nan, nan, total, history, tolerance, passed,
-                            derived.kind, derived.note, viol, gap, opt)
-    tv = float(total_variation(learned, target).max())
-    kl = float(_kl(target, learned).max())
-    return VerifyResult(algorithm.name, target, learned, tv, kl, total, history, tolerance, tv < tolerance,
-                        derived.kind, derived.note)
+    state = {"logits": logits}
+
+    def polish(learned: Tensor, lr: float, n: int):           # continue from the last run's per-state logits
+        learned, taken, hist, state["logits"] = _train_sequence(
+            algorithm, sb, exact=True, steps=n, seed=seed, lr=lr, batch_size=batch_size,
+            init_logits=state["logits"] - sb.log_ref_logits, log_every=log_every, target=None, optimizer="adam",
+            lr_decay=True, average=False, early_stop=False)
+        return learned, taken, hist
+    return judge(algorithm, derived, target, learned, total, history, view=sb.to_bandit(), exact=exact,
+                 steps=steps, tolerance=tolerance, polish=polish, stages=HINGE_POLISH_STEPS)

@@ -329,9 +329,7 @@ def verify(algorithm, bandit: Bandit, *, exact: bool = True, steps: Optional[int
     Raises:
         TargetError: the composition has no target on this bandit. InputError: bad arguments.
 
-    Hinge targets (``margin``, ``hinge_lp``: no unique distribution) pass when the learned policy's population
-    hinge objective attains its linear-program optimum (or every covered margin is met); an exact run with a frozen
-    reference that misses it continues with Adam from where Rprop stalled (``steps`` more steps).
+    Hinge targets (``margin``, ``hinge_lp``: no unique distribution) are judged as :func:`judge` says.
 
     A :class:`udrra.SequenceBandit` is verified by :func:`udrra.sequence.verify_sequence` (the same arguments,
     ``init_logits`` ``(P·S, V)``; learned and target ``(P, N)`` over whole responses; no derived target is reported
@@ -350,25 +348,41 @@ def verify(algorithm, bandit: Bandit, *, exact: bool = True, steps: Optional[int
     learned, total, history = train(algorithm, bandit, exact=exact, steps=steps, seed=seed, lr=lr,
                                     batch_size=batch_size, init_logits=init_logits, log_every=log_every,
                                     target=target)
-    if target is None:
-        passed, viol, gap, opt = _hinge_check(algorithm, bandit, learned, derived, tolerance)
-        if not passed and exact and algorithm.components.reference.get("update", "frozen") == "frozen":
-            # Rprop's coordinate-wise sign steps can stall on a kink of the piecewise-linear hinge objective (the
-            # descent direction moves several logits together along it): continue from there with Adam, whose
-            # averaged subgradients follow the kink, in stages of shrinking steps (β·u units) so that it first
-            # travels and then settles
-            per_stage = max(1, (steps or 3000) // len(HINGE_POLISH_STEPS))
-            for step_x in HINGE_POLISH_STEPS:
-                more, n_more, hist_more = train(algorithm, bandit, exact=True, steps=per_stage, seed=seed,
-                                                optimizer="adam", lr=step_x / algorithm.beta, lr_decay=True,
-                                                early_stop=False, init_logits=torch.log(learned) - bandit.log_pi_ref,
-                                                log_every=log_every)
-                history = history + [{**rec, "step": rec["step"] + total} for rec in hist_more]
-                learned, total = more, total + n_more
-            passed, viol, gap, opt = _hinge_check(algorithm, bandit, learned, derived, tolerance)
-        return VerifyResult(algorithm.name, None, learned, float("nan"), float("nan"), total, history, tolerance,
-                            passed, derived.kind, derived.note, viol, gap, opt)
-    tv = float(total_variation(learned, target).max())
-    kl = float(_kl(target, learned).max())
-    return VerifyResult(algorithm.name, target, learned, tv, kl, total, history, tolerance, tv < tolerance,
-                        derived.kind, derived.note)
+
+    def polish(learned: Tensor, lr: float, n: int):
+        return train(algorithm, bandit, exact=True, steps=n, seed=seed, optimizer="adam", lr=lr, lr_decay=True,
+                     early_stop=False, init_logits=torch.log(learned) - bandit.log_pi_ref, log_every=log_every)
+    return judge(algorithm, derived, target, learned, total, history, view=bandit, exact=exact, steps=steps,
+                 tolerance=tolerance, polish=polish)
+
+
+def judge(algorithm, derived, target: Optional[Tensor], learned: Tensor, total: int, history: List[Dict[str, float]],
+          *, view: Bandit, exact: bool, steps: Optional[int], tolerance: float,
+          polish: Callable[[Tensor, float, int], Tuple[Tensor, int, List[Dict[str, float]]]],
+          stages: Tuple[float, ...] = HINGE_POLISH_STEPS) -> VerifyResult:
+    """The verdict of a training run against its derived target, for every testbed.
+
+    A distribution target passes at max-over-prompts TV < ``tolerance``. Hinge targets (``margin``, ``hinge_lp``:
+    no unique distribution) pass when the learned policy's population hinge objective on ``view`` (the bandit, or
+    the sequence testbed's bandit view over whole responses) attains its linear-program optimum (or every covered
+    margin is met). Rprop's coordinate-wise sign steps can stall on a kink of that piecewise-linear objective (the
+    descent direction moves several logits together along it), so an exact run with a frozen reference that misses
+    it continues with Adam, whose averaged subgradients follow the kink, in stages of shrinking steps
+    (``stages``, β·u units, default :data:`HINGE_POLISH_STEPS`; ``steps`` more in all): ``polish(learned, lr, n)``
+    runs one stage from ``learned`` and returns ``(learned, steps taken, history)``.
+    """
+    if target is not None:
+        tv = float(total_variation(learned, target).max())
+        kl = float(_kl(target, learned).max())
+        return VerifyResult(algorithm.name, target, learned, tv, kl, total, history, tolerance, tv < tolerance,
+                            derived.kind, derived.note)
+    passed, viol, gap, opt = _hinge_check(algorithm, view, learned, derived, tolerance)
+    if not passed and exact and algorithm.components.reference.get("update", "frozen") == "frozen":
+        per_stage = max(1, (steps or 3000) // len(stages))
+        for step_x in stages:
+            learned, n_more, hist_more = polish(learned, step_x / algorithm.beta, per_stage)
+            history = history + [{**rec, "step": rec["step"] + total} for rec in hist_more]
+            total += n_more
+        passed, viol, gap, opt = _hinge_check(algorithm, view, learned, derived, tolerance)
+    return VerifyResult(algorithm.name, None, learned, float("nan"), float("nan"), total, history, tolerance,
+                        passed, derived.kind, derived.note, viol, gap, opt)
