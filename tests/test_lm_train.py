@@ -167,8 +167,21 @@ def test_cli_contract_add_train_arguments_and_run_from_args_train_a_local_checkp
     with pytest.raises(InputError, match="not empty"):
         run_from_args(args, udrra.load("ipo"))
     defaults = parser.parse_args(["--model", "m", "--dataset", "d"])
+    # None = resolved per run: batch 4 pairs / lr 5e-6 offline (8 prompts / 1e-5 online), prompt 3/4 of
+    # max_length, evaluation scaled to the run (test below)
     assert (defaults.batch_size, defaults.lr, defaults.max_length, defaults.max_prompt_length, defaults.eval_pairs) \
-        == (4, 5e-6, 256, None, 100)  # None: 3/4 of max_length
+        == (None, None, 256, None, None)
+
+
+def test_default_evaluation_scales_with_the_run(tmp_path):
+    """A 2-step run of 4 pairs evaluates 2 × 8 = 16 held-out pairs (and samples KL on 16 prompts), not 100: the
+    17-minute `--max-steps 2` run of the issue spent nearly all its time in the default evaluation."""
+    rows = ROWS * 3
+    res = train(udrra.load("dpo"), tiny_llama(), rows, tokenizer=char_tokenizer(), output_dir=tmp_path / "d",
+                max_steps=2, **{**FAST, "eval_pairs": None, "kl_prompts": None, "batch_size": 4})
+    assert res["config"]["eval_pairs"] == 16 and res["config"]["kl_prompts"] == 16
+    assert res["eval_after"]["eval/n_pairs"] == min(16, res["data"]["eval_pairs_available"])
+    assert lm_train._default_eval_pairs(4, 1, 100) == 100 and lm_train._default_eval_pairs(2, 3, 1) == 12
 
 
 def test_max_prompt_length_defaults_to_three_quarters_of_max_length(tmp_path):

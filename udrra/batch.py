@@ -211,6 +211,8 @@ class SampleBatch:
             take the expectation over the other n − 1 draws); ``None`` = n → ∞.
         norm: :class:`Normalisers` of the optimizer batch this is a micro-batch of (``None``: this batch is the
             whole optimizer batch and its own counts are used).
+        index: ``(B,)`` int64 or None, each row's position in the batch its producer collected, so that the
+            producer can score the rows of a micro-batch again (:meth:`split` keeps it).
     """
 
     logps: Tensor
@@ -229,6 +231,7 @@ class SampleBatch:
     population: bool = False
     group_size: Optional[int] = None
     norm: Optional[Normalisers] = None
+    index: Optional[Tensor] = None
 
     def __post_init__(self):
         for f in _TOKEN_FIELDS:

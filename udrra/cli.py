@@ -1,4 +1,4 @@
-"""The ``udrra`` command line: list, show, verify, ablate, train.
+"""The ``udrra`` command line: list, show, verify, ablate, train, train-rm.
 
 Exit codes: 0 success; 1 ``verify`` found an algorithm off its target; 2 usage or input errors (unknown
 algorithm, malformed TOML, invalid composition, bad data), printed as one line on stderr.
@@ -177,6 +177,14 @@ def cmd_train(args) -> int:
     return run_from_args(args, load(args.algorithm, _overrides(args.overrides)))
 
 
+def cmd_train_rm(args) -> int:
+    try:
+        from .lm.train_rm import run_train_rm_from_args
+    except ImportError as e:
+        raise UdrraError(f"udrra train-rm needs the LM extras: pip install 'udrra[lm]' ({e})") from None
+    return run_train_rm_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="udrra", description=(
         "RLHF / preference-learning algorithms as compositions of four loss components "
@@ -229,9 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_ablate)
 
-    p = sub.add_parser("train", help="train a language model with a pair-based algorithm",
-                       description="Train a causal LM on preference pairs with a pair-based composition "
-                                   "(dpo, ipo, cdpo, rdpo, hinge, simpo) through the same loss code.")
+    p = sub.add_parser("train", help="train a language model with any composition (offline pairs or online RL)",
+                       description="Train a causal LM through the same loss code: offline-pair compositions (dpo, "
+                                   "ipo, cdpo, rdpo, hinge, simpo) on --dataset; on_policy / on_policy_pairs "
+                                   "compositions (ppo, grpo, rloo, remax, reinforce, online_dpo, dpo_iter, or your "
+                                   "own TOML) on --prompts with a --reward.")
     p.add_argument("algorithm", metavar="NAME|PATH")
     _add_set(p)
     try:
@@ -240,6 +250,16 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         pass
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("train-rm", help="train a Bradley-Terry reward model on preference pairs",
+                       description="Train a one-output sequence-classification reward model (Bradley-Terry loss) "
+                                   "on preference data; the saved directory is a --reward for udrra train.")
+    try:
+        from .lm.train_rm import add_train_rm_arguments
+        add_train_rm_arguments(p)
+    except ImportError:
+        pass
+    p.set_defaults(func=cmd_train_rm)
     return parser
 
 

@@ -134,12 +134,37 @@ def merge_outputs(outs: List[LossOutput]) -> LossOutput:
 
 
 def optimizer_step(algorithm, producer: Producer, batch: Batch, optimizer: torch.optim.Optimizer,
-                   loss_scale: float = 1.0, backward: Optional[Callable[[torch.Tensor], None]] = None) -> LossOutput:
-    """One gradient step on ``batch``: attach log-probs with gradient, derived loss, backward, step."""
+                   loss_scale: float = 1.0, backward: Optional[Callable[[torch.Tensor], None]] = None,
+                   micro_batches: int = 1) -> LossOutput:
+    """One gradient step on ``batch``: attach log-probs with gradient, derived loss, backward, step.
+
+    With ``micro_batches`` = k > 1 (a :class:`SampleBatch` whose advantages are estimated), the batch is cut by
+    :meth:`SampleBatch.split` into k micro-batches that carry the whole batch's normalisers; each is attached and
+    backpropagated in turn (activations of one micro-batch at a time) and the gradients add up to the whole
+    batch's. The returned loss is the sum of the micro-batch losses (= the whole batch's loss); metrics are
+    weighted by each micro-batch's share of the weights."""
     optimizer.zero_grad()
-    out = backward_pass(algorithm, producer, batch, loss_scale, backward)
+    if micro_batches <= 1:
+        out = backward_pass(algorithm, producer, batch, loss_scale, backward)
+    else:
+        if not isinstance(batch, SampleBatch):
+            raise InputError("micro_batches > 1 splits a SampleBatch (token-level losses); a pair batch is "
+                             "accumulated over separately collected batches (accumulate)")
+        parts = batch.split(min(micro_batches, batch.logps.shape[0]))
+        outs = [backward_pass(algorithm, producer, part, loss_scale, backward) for part in parts]
+        out = _sum_outputs(outs, [float(p.weights.sum()) for p in parts])
     optimizer.step()
     return out
+
+
+def _sum_outputs(outs: List[LossOutput], shares: List[float]) -> LossOutput:
+    """One output for micro-batches of one optimizer batch: the summed loss, every row, share-weighted metrics."""
+    total = sum(shares)
+    metrics = {k: sum(s * float(o.metrics[k]) for s, o in zip(shares, outs) if k in o.metrics) / total
+               for k in outs[0].metrics}
+    metrics["loss"] = float(sum(float(o.loss.detach()) for o in outs))
+    return LossOutput(loss=torch.stack([o.loss.detach() for o in outs]).sum(),
+                      per_row=torch.cat([o.per_row for o in outs]), metrics=metrics)
 
 
 def accumulated_step(algorithm, producer: Producer, optimizer: torch.optim.Optimizer, parts: int, *,
@@ -165,7 +190,7 @@ def fit(algorithm, producer: Producer, optimizer: torch.optim.Optimizer, *, step
         before_step: Optional[Callable[[int], None]] = None,
         after_step: Optional[Callable[[int, LossOutput], bool]] = None,
         converged: Optional[Callable[[int], bool]] = None, first_step: int = 1, accumulate: int = 1,
-        backward: Optional[Callable[[torch.Tensor], None]] = None) -> int:
+        backward: Optional[Callable[[torch.Tensor], None]] = None, micro_batches: int = 1) -> int:
     """Run the step loop: collect → reward estimate → (epochs ×) log-probs → loss → optimizer step → reference.
 
     Args:
@@ -186,6 +211,8 @@ def fit(algorithm, producer: Producer, optimizer: torch.optim.Optimizer, *, step
         accumulate: batches per optimizer step (gradient accumulation, :func:`accumulated_step`; needs
             ``epochs`` = 1); ``after_step`` then gets their :func:`merge_outputs`.
         backward(loss): replaces ``loss.backward()`` (e.g. ``accelerator.backward``).
+        micro_batches: cut each estimated :class:`SampleBatch` into this many micro-batches per optimizer step
+            (:func:`optimizer_step`; exact for every aggregation).
     Returns:
         The number of the last step run.
     Raises:
@@ -215,7 +242,7 @@ def fit(algorithm, producer: Producer, optimizer: torch.optim.Optimizer, *, step
             if estimates:
                 batch = algorithm.estimate(batch)                    # 2. reward estimate on the whole batch
             for _ in range(epochs):                                  # 3-4. log-probs → loss → optimizer step
-                out = optimizer_step(algorithm, producer, batch, optimizer, loss_scale, backward)
+                out = optimizer_step(algorithm, producer, batch, optimizer, loss_scale, backward, micro_batches)
         stop = after_step is not None and after_step(step, out)      # logging, averaging (before any reset)
         update.after_step(reference, policy, step)                   # 5. reference update
         if stop:

@@ -1,14 +1,29 @@
-"""udrra.lm: preference training of causal language models with any pair-based udrra algorithm.
+"""udrra.lm: training causal language models with any udrra composition, offline or online, through the loop
+and the losses the bandit and the sequence testbed verify.
 
-Modules (imported lazily, so ``import udrra.lm`` does not import transformers):
+Modules (imported lazily, so ``import udrra.lm`` does not import transformers), in data-flow order:
 
-* :mod:`udrra.lm.models`   ``load_model_and_tokenizer``, ``make_reference`` (SmolLM2-135M offline, or any HF causal LM)
-* :mod:`udrra.lm.data`     ``load_preference_data`` (TRL format, HH-RLHF dialogues, built-in ``hh-rlhf`` and
+* :mod:`udrra.lm.models`    ``load_model_and_tokenizer``, ``make_reference`` (SmolLM2-135M offline, or any HF causal LM)
+* :mod:`udrra.lm.data`      ``load_preference_data`` (TRL format, HH-RLHF dialogues, built-in ``hh-rlhf`` and
   ``ultrafeedback-1200``), ``tokenize_pair`` / ``tokenize_pairs`` (truncation that keeps every response),
   ``collate_pairs``
-* :mod:`udrra.lm.logprobs` ``sequence_logps`` (the one log-prob path) and ``token_logps`` (its swap point)
-* :mod:`udrra.lm.producers` ``OfflinePairs``: the sample source of offline pair training for :func:`udrra.loop.fit`
-* :mod:`udrra.lm.train`    ``train`` (import it as ``from udrra.lm.train import train``: the name is also the submodule), ``evaluate``, ``sampled_kl``, ``add_train_arguments``, ``run_from_args``
+* :mod:`udrra.lm.prompts`   ``load_prompts`` (prompt-only data for on-policy rollouts: built-in ``tinystories``,
+  ``hh-rlhf``, ``ultrafeedback-1200`` or TRL prompt-only rows), ``tokenize_prompts`` (left truncation)
+* :mod:`udrra.lm.rollout`   ``generate`` (n samples per prompt, left padding, KV cache), ``Sampling``, ``Rollout``,
+  ``shape_rewards`` (truncated responses: keep, penalty, DAPO overlong shaping)
+* :mod:`udrra.lm.rewards`   ``load_reward`` (``vader``, a reward-model checkpoint, ``module:function``,
+  ``file.py:function``), ``last_token_scores``
+* :mod:`udrra.lm.logprobs`  ``response_logps`` / ``sequence_logps`` (the one log-prob op, at the sampling
+  temperature) and ``token_logps`` (its swap point)
+* :mod:`udrra.lm.critic`    ``ValueModel`` (the ``gae`` critic: value head on a policy or reward-model backbone)
+* :mod:`udrra.lm.producers` the sample source of each ``[source]`` kind for :func:`udrra.loop.fit`:
+  ``OfflinePairs``, ``OnPolicy``, ``OnPolicyPairs``
+* :mod:`udrra.lm.run`       the run around the loop: session, output directory, saving
+* :mod:`udrra.lm.train`     ``train`` (offline pairs; import it as ``from udrra.lm.train import train``: the name is
+  also the submodule), ``evaluate``, ``sampled_kl``, and the ``udrra train`` CLI (``add_train_arguments``,
+  ``run_from_args``), which sends online compositions to
+* :mod:`udrra.lm.online`    ``train_online``, ``OnlineConfig``, ``evaluate_generations``
+* :mod:`udrra.lm.train_rm`  ``train_reward_model`` (``udrra train-rm``: a Bradley–Terry reward model)
 """
 
 from __future__ import annotations
@@ -21,9 +36,17 @@ _EXPORTS = {
     "load_preference_data": "data", "PreferencePair": "data", "PreferenceData": "data", "TokenizedPair": "data",
     "TruncationStats": "data", "tokenize_pair": "data", "tokenize_pairs": "data", "collate_pairs": "data",
     "split_hh_dialogue": "data", "stratified_split": "data", "rows_to_pairs": "data",
+    "load_prompts": "prompts", "tokenize_prompts": "prompts", "PromptData": "prompts", "PromptTruncation": "prompts",
+    "BUILTIN_PROMPTS": "prompts", "DEFAULT_EVAL_PROMPTS": "prompts",
     "sequence_logps": "logprobs", "token_logps": "logprobs",
     "evaluate": "train", "sampled_kl": "train", "add_train_arguments": "train",
-    "run_from_args": "train", "OfflinePairs": "producers",
+    "run_from_args": "train", "OfflinePairs": "producers", "OnPolicy": "producers", "OnPolicyPairs": "producers",
+    "PromptStream": "producers", "RolloutContext": "producers",
+    "generate": "rollout", "Sampling": "rollout", "Rollout": "rollout", "shape_rewards": "rollout",
+    "response_logps": "logprobs", "ValueModel": "critic",
+    "train_online": "online", "OnlineConfig": "online", "evaluate_generations": "online",
+    "load_reward": "rewards", "Reward": "rewards", "RewardError": "rewards", "last_token_scores": "rewards",
+    "train_reward_model": "train_rm",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -11,7 +11,7 @@ vocabulary ``V``.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -19,15 +19,16 @@ from torch import Tensor
 from ..errors import InputError
 from ..kernels import linear_logprobs
 
-__all__ = ["token_logps", "sequence_logps", "backbone_and_head", "DEFAULT_CHUNK_TOKENS"]
+__all__ = ["token_logps", "sequence_logps", "response_logps", "backbone_and_head", "DEFAULT_CHUNK_TOKENS"]
 
 #: Tokens per chunk of logits on the CPU paths (``None`` = the op's default, about 128 MiB of fp32 logits).
 DEFAULT_CHUNK_TOKENS = None
 
 
 def token_logps(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100,
-                chunk_tokens: Optional[int] = DEFAULT_CHUNK_TOKENS) -> Tensor:
-    """Per-token log-probs ``log softmax(hidden @ weight.T)[target]`` in fp32, through the fused op.
+                chunk_tokens: Optional[int] = DEFAULT_CHUNK_TOKENS, *, temperature: float = 1.0,
+                return_entropy: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Per-token log-probs ``log softmax(hidden @ weight.T / temperature)[target]`` in fp32, through the fused op.
 
     Only the positions whose target is not ``ignore_index`` are projected, by
     :func:`udrra.kernels.linear_logprobs` (Triton on CUDA, chunked on CPU; the N×V logits are never stored).
@@ -39,10 +40,13 @@ def token_logps(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: i
             whose log-prob is not wanted (prompt, padding).
         ignore_index: the id marking ignored positions.
         chunk_tokens: rows per chunk on the CPU paths.
+        temperature: T > 0, the sampling temperature of the rollout (logits are divided by it, as ``generate``
+            does before sampling; the rollout/training mismatch of trl#3029 is a missing T here).
+        return_entropy: also return each position's entropy (nats; 0 at ignored positions).
 
     Returns:
         ``(...)`` float32 log-probs (nats, ≤ 0); exactly 0 at ignored positions. Differentiable with respect
-        to ``hidden`` and ``weight``.
+        to ``hidden`` and ``weight``. With ``return_entropy``, ``(logps, entropy)``.
     Raises:
         InputError: mismatched shapes, or target ids outside [0, V).
     """
@@ -58,11 +62,16 @@ def token_logps(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: i
     out = torch.zeros(t.shape[0], dtype=torch.float32, device=hidden.device)
     if keep.numel() == 0:
         # keep the graph connected so backward through an all-ignored batch yields zero gradients
-        return (out + 0.0 * hidden.sum().float()).reshape(lead)
+        zero = (out + 0.0 * hidden.sum().float()).reshape(lead)
+        return (zero, zero.detach().clone()) if return_entropy else zero
     tk = t.index_select(0, keep)  # target ids are range-checked by linear_logprobs
     hk = h.index_select(0, keep)
-    lp = linear_logprobs(hk, weight.to(hk.dtype), tk, ignore_index=ignore_index, chunk_tokens=chunk_tokens)
-    return out.index_copy(0, keep, lp).reshape(lead)
+    res = linear_logprobs(hk, weight.to(hk.dtype), tk, ignore_index=ignore_index, chunk_tokens=chunk_tokens,
+                          temperature=float(temperature), return_entropy=return_entropy)
+    if not return_entropy:
+        return out.index_copy(0, keep, res).reshape(lead)
+    lp, ent = res
+    return out.index_copy(0, keep, lp).reshape(lead), out.index_copy(0, keep, ent).reshape(lead)
 
 
 def backbone_and_head(model: Any) -> Tuple[Any, Tensor]:
@@ -118,3 +127,40 @@ def sequence_logps(model: Any, input_ids: Tensor, attention_mask: Tensor, loss_m
     targets = input_ids[:, 1:].masked_fill(~mask, -100)
     per_token = token_logps(hidden[:, :-1], weight, targets, ignore_index=-100, chunk_tokens=chunk_tokens)
     return per_token.sum(-1), mask.sum(-1).float()
+
+
+def response_logps(model: Any, input_ids: Tensor, attention_mask: Tensor, prompt_len: int, response_mask: Tensor, *,
+                   temperature: float = 1.0, return_entropy: bool = False,
+                   chunk_tokens: Optional[int] = DEFAULT_CHUNK_TOKENS) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Per-token log-probs of the responses of a rollout, ``(B, T)``, aligned with its ``response_mask``.
+
+    The rollout layout (:class:`udrra.lm.rollout.Rollout`): ``input_ids`` = ``[left-padded prompt (prompt_len
+    columns) | right-padded response (T columns)]``. Response token ``t`` sits in column ``prompt_len + t`` and is
+    predicted by the hidden state of column ``prompt_len + t − 1``. Position ids are ``cumsum(attention_mask) − 1``
+    so that a left-padded row sees the positions it would see unpadded.
+
+    Args:
+        model: a Hugging Face causal LM. input_ids, attention_mask: ``(B, prompt_len + T)``.
+        prompt_len: number of prompt columns (≥ 1). response_mask: ``(B, T)`` 0/1, 1 on response tokens.
+        temperature: the sampling temperature (logits / T), as in generation.
+        return_entropy: also return the entropy of each position's (tempered) distribution, ``(B, T)``.
+    Returns:
+        ``(B, T)`` float32 log-probs (nats; 0 where ``response_mask`` is 0), differentiable; with
+        ``return_entropy``, ``(logps, entropy)``.
+    Raises:
+        InputError: shapes that do not match, ``prompt_len < 1``.
+    """
+    B, S = input_ids.shape
+    T = response_mask.shape[-1]
+    if attention_mask.shape != input_ids.shape or response_mask.shape[0] != B or prompt_len < 1 or prompt_len + T != S:
+        raise InputError(f"response_logps: need input_ids/attention_mask (B, prompt_len + T) and response_mask "
+                         f"(B, T) with prompt_len >= 1; got {tuple(input_ids.shape)}, {tuple(attention_mask.shape)}, "
+                         f"prompt_len={prompt_len}, response_mask {tuple(response_mask.shape)}")
+    backbone, weight = backbone_and_head(model)
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state  # (B, S, H)
+    h = hidden[:, prompt_len - 1:S - 1]                                   # predicts columns prompt_len .. S-1
+    targets = input_ids[:, prompt_len:].masked_fill(response_mask <= 0, -100)
+    return token_logps(h, weight, targets, ignore_index=-100, chunk_tokens=chunk_tokens, temperature=temperature,
+                       return_entropy=return_entropy)

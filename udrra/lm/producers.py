@@ -1,26 +1,38 @@
-"""The LM trainer's sample sources for :func:`udrra.loop.fit` (see :class:`udrra.loop.Producer`).
+"""The LM trainer's sample sources for :func:`udrra.loop.fit` (see :class:`udrra.loop.Producer`), one per
+``[source]`` kind (:data:`PRODUCERS`):
 
-:class:`OfflinePairs` serves a fixed, tokenised preference data set: ``collect`` takes the next ``batch_size``
-pairs of a seeded shuffle and scores them under the reference without gradient; ``attach`` scores the same
-pairs under the current policy with gradient. Also here: the pair-batch helpers that the trainer's evaluation
-shares with it (:func:`pair_batch`, :func:`batch_logps`, :func:`to_device`).
+- :class:`OfflinePairs` (``offline_pairs``) serves a fixed, tokenised preference data set: ``collect`` takes the
+  next ``batch_size`` pairs of a seeded shuffle and scores them under the reference without gradient; ``attach``
+  scores the same pairs under the current policy with gradient.
+- :class:`OnPolicy` (``on_policy``: PPO, REINFORCE, ReMax, RLOO, GRPO, ...) samples ``n`` responses to each of
+  the step's prompts from the current policy, scores them with the run's reward, and returns a token-level
+  :class:`~udrra.batch.SampleBatch` (old-policy, reference and entropy per token from one no-grad pass each,
+  the critic's values for ``gae``, the greedy decode's reward for a ``greedy`` baseline).
+- :class:`OnPolicyPairs` (``on_policy_pairs``: online DPO, iterated DPO) samples two responses per prompt and
+  labels the pair by the reward (Bradley–Terry), returning a :class:`~udrra.batch.PairBatch`.
+
+Also here: the pair-batch helpers that the trainer's evaluation shares (:func:`pair_batch`, :func:`batch_logps`,
+:func:`to_device`).
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import replace
-from typing import Any, Dict, List, Optional, Tuple
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from ..batch import PairBatch
-from ..errors import InputError
+from ..batch import Normalisers, PairBatch, SampleBatch
+from ..errors import ConfigError, InputError
 from .data import TokenizedPair, collate_pairs
-from .logprobs import DEFAULT_CHUNK_TOKENS, sequence_logps
+from .logprobs import DEFAULT_CHUNK_TOKENS, response_logps, sequence_logps
+from .rollout import Rollout, Sampling, generate, shape_rewards
 
-__all__ = ["OfflinePairs", "pair_batch", "batch_logps", "to_device"]
+__all__ = ["OfflinePairs", "OnPolicy", "OnPolicyPairs", "PromptStream", "RolloutContext", "PAIR_LABELS",
+           "PRODUCERS", "pair_batch", "batch_logps", "to_device"]
 
 
 def to_device(batch: Dict[str, Tensor], device: Any) -> Dict[str, Tensor]:
@@ -41,6 +53,29 @@ def pair_batch(chosen: Tensor, rejected: Tensor, ref_c: Tensor, ref_r: Tensor, l
     return PairBatch(chosen_logps=chosen, rejected_logps=rejected, ref_chosen_logps=ref_c,
                      ref_rejected_logps=ref_r, weights=ones / B, labels=ones, chosen_lengths=len_c,
                      rejected_lengths=len_r).validate()
+
+
+class SeededOrder:
+    """The data order of every LM producer: a ``random.Random(seed)`` shuffle of ``range(size)`` per epoch; each
+    ``next()`` takes the next ``batch_size`` indices, and a new epoch (fresh shuffle) starts when fewer than
+    ``batch_size`` are left."""
+
+    def __init__(self, size: int, batch_size: int, seed: int):
+        self.size, self.batch_size = size, batch_size
+        self._rng = random.Random(seed)
+        self._order: List[int] = []
+        self._pos = 0
+        self.epoch = -1
+
+    def next(self) -> List[int]:
+        if self._pos + self.batch_size > len(self._order):
+            self.epoch += 1
+            self._order = list(range(self.size))
+            self._rng.shuffle(self._order)
+            self._pos = 0
+        idx = self._order[self._pos:self._pos + self.batch_size]
+        self._pos += self.batch_size
+        return idx
 
 
 class OfflinePairs:
@@ -69,25 +104,19 @@ class OfflinePairs:
             raise InputError(f"the training split has {len(rows)} pairs, fewer than batch_size={batch_size}")
         self.rows, self.batch_size, self.pad_token_id, self.device = rows, batch_size, pad_token_id, device
         self.policy, self.reference, self.chunk_tokens = policy, reference, chunk_tokens
-        self._rng = random.Random(seed)
-        self._order: List[int] = []
-        self._pos = 0
-        self.epoch = -1
+        self._order = SeededOrder(len(rows), batch_size, seed)
         self.pairs_seen = 0
         self.tokens_seen = 0
         self.attached: List[Tuple[int, Tensor]] = []
         self._last: Optional[Tuple[PairBatch, Dict[str, Tensor]]] = None
 
+    @property
+    def epoch(self) -> int:
+        return self._order.epoch
+
     def next_rows(self) -> List[TokenizedPair]:
         """The next ``batch_size`` rows of the data order."""
-        if self._pos + self.batch_size > len(self._order):
-            self.epoch += 1
-            self._order = list(range(len(self.rows)))
-            self._rng.shuffle(self._order)
-            self._pos = 0
-        idx = self._order[self._pos:self._pos + self.batch_size]
-        self._pos += self.batch_size
-        return [self.rows[i] for i in idx]
+        return [self.rows[i] for i in self._order.next()]
 
     @torch.no_grad()
     def collect(self) -> PairBatch:
@@ -113,3 +142,266 @@ class OfflinePairs:
         lp, _ = batch_logps(self.policy, b, self.chunk_tokens)
         self.attached.append((B, lp.detach()))
         return replace(batch, chosen_logps=lp[:B], rejected_logps=lp[B:])
+
+
+# ------------------------------------------------------------------------------------------- online sources
+
+#: how an on-policy pair is labelled from the run's reward r (``--pair-labels``): the Bradley–Terry probability
+#: σ(r₁ − r₂) as a soft label (the expectation of a sampled label: same target, less variance), a label drawn
+#: from it, or the better response wins (ties ½; a judge's pick, as TRL's OnlineDPOTrainer and OAIF do — it is
+#: not Bradley–Terry in r, so the composition's Boltzmann target no longer applies).
+PAIR_LABELS = ("expected", "sampled", "better")
+
+
+class PromptStream:
+    """The step's prompts: ``batch_size`` of the tokenised prompts per call, in :class:`SeededOrder`.
+
+    Args:
+        texts: prompt texts. ids: their token ids (already cut to the prompt budget), same length.
+        batch_size: prompts per step. seed: seed of the order.
+    Raises:
+        InputError: fewer prompts than ``batch_size``, or ``texts`` and ``ids`` of different lengths.
+    """
+
+    def __init__(self, texts: Sequence[str], ids: Sequence[Sequence[int]], batch_size: int, seed: int):
+        if len(texts) != len(ids):
+            raise InputError(f"{len(texts)} prompt texts but {len(ids)} tokenised prompts")
+        if len(texts) < batch_size:
+            raise InputError(f"the training prompts number {len(texts)}, fewer than batch_size={batch_size} "
+                             f"prompts per step")
+        self.texts, self.ids = list(texts), [list(i) for i in ids]
+        self._order = SeededOrder(len(texts), batch_size, seed)
+        self.prompts_seen = 0
+
+    @property
+    def epoch(self) -> int:
+        return self._order.epoch
+
+    def next(self) -> Tuple[List[str], List[List[int]]]:
+        idx = self._order.next()
+        self.prompts_seen += len(idx)
+        return [self.texts[i] for i in idx], [self.ids[i] for i in idx]
+
+
+@dataclass
+class RolloutContext:
+    """What an online producer needs besides the algorithm.
+
+    Attributes:
+        policy: the model trained (as prepared by accelerate: its forward runs the gradient pass).
+        sampler: the same model unwrapped (``generate`` and the no-grad passes).
+        reference: π_ref (None when the algorithm uses none). critic: a :class:`udrra.lm.critic.ValueModel` for
+            ``gae`` compositions, else None.
+        tokenizer: decodes responses for the reward. reward: ``(prompts, responses) -> (B,) tensor``
+            (:class:`udrra.lm.rewards.Reward`, validated there).
+        sampling: :class:`udrra.lm.rollout.Sampling`. truncated_penalty, overlong_buffer: see
+            :func:`udrra.lm.rollout.shape_rewards`. pair_labels: one of :data:`PAIR_LABELS`.
+        chunk_tokens: passed to the log-prob op.
+        fuse_old_logps: one policy pass per step: ``collect`` computes the policy's log-probs WITH gradient and
+            ``attach`` returns them (π_old = π_θ detached, exact for one epoch over the whole batch; TRL skips
+            the old-logp pass the same way). Only valid with one epoch and no micro-batches.
+    """
+
+    policy: Any
+    sampler: Any
+    reference: Optional[Any]
+    critic: Optional[Any]
+    tokenizer: Any
+    reward: Callable[[Sequence[str], Sequence[str]], Tensor]
+    sampling: Sampling
+    truncated_penalty: float = 0.0
+    overlong_buffer: int = 0
+    pair_labels: str = "expected"
+    chunk_tokens: Optional[int] = DEFAULT_CHUNK_TOKENS
+    fuse_old_logps: bool = False
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    @property
+    def eos_token_id(self) -> int:
+        return int(self.tokenizer.eos_token_id)
+
+
+class _Online:
+    """Shared stages of the online producers: rollout → reward → no-grad log-probs; timing and step stats."""
+
+    def __init__(self, algorithm: Any, prompts: PromptStream, ctx: RolloutContext, n: int):
+        self.algorithm, self.prompts, self.ctx, self.n = algorithm, prompts, ctx, n
+        self.rollout: Optional[Rollout] = None
+        self.stats: Dict[str, float] = {}
+        self.samples: List[Dict[str, Any]] = []
+        self.tokens_generated = 0
+        self._fused: Optional[Tensor] = None
+
+    def _rollout(self, n: int, greedy: bool = False, prompts=None) -> Rollout:
+        texts, ids = prompts if prompts is not None else self.prompts.next()
+        c = self.ctx
+        return generate(c.sampler, ids, texts, c.sampling, n=n, greedy=greedy, pad_token_id=c.pad_token_id,
+                        eos_token_id=c.eos_token_id, tokenizer=c.tokenizer)
+
+    def _score(self, ro: Rollout) -> Tuple[Tensor, Tensor]:
+        """``(raw, shaped)`` rewards ``(B,)`` on the rollout's device."""
+        c = self.ctx
+        raw = c.reward(ro.row_prompts(), ro.responses).to(ro.response_mask.device, torch.float32)
+        return raw, shape_rewards(raw, ro, truncated_penalty=c.truncated_penalty, overlong_buffer=c.overlong_buffer,
+                                  max_new_tokens=c.sampling.max_new_tokens)
+
+    def _logps(self, model: Any, ro: Rollout, rows: Optional[Tensor] = None, entropy: bool = False):
+        ids, att, mask = ro.input_ids, ro.attention_mask, ro.response_mask
+        if rows is not None:
+            ids, att, mask = ids[rows], att[rows], mask[rows]
+        return response_logps(model, ids, att, ro.prompt_len, mask, temperature=self.ctx.sampling.temperature,
+                              return_entropy=entropy, chunk_tokens=self.ctx.chunk_tokens)
+
+    def _old_logps(self, ro: Rollout) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """``(old_logps, entropy, logps_with_grad)``: the rollout policy's token log-probs (detached) and entropy;
+        with ``fuse_old_logps`` the same pass keeps its graph and is returned as the third item."""
+        if not self.ctx.fuse_old_logps:
+            old, ent = self._logps(self.ctx.sampler, ro, entropy=True)
+            return old, ent, None
+        with torch.enable_grad():
+            lp, ent = self._logps(self.ctx.policy, ro, entropy=True)
+        return lp.detach(), ent.detach(), lp
+
+    def _record(self, ro: Rollout, raw: Tensor, shaped: Tensor, old: Tensor, ref: Tensor, ent: Tensor,
+                times: Dict[str, float]) -> None:
+        m = ro.response_mask
+        d = ((old - ref) * m).sum(-1).double()
+        self.tokens_generated += int(m.sum())
+        self.stats = {"reward": float(raw.mean()), "reward_shaped": float(shaped.mean()),
+                      "reward_std": float(raw.std()) if raw.numel() > 1 else 0.0,
+                      "kl_k1": float(d.mean()), "kl_k3": float((torch.exp(-d) - 1 + d).mean()),
+                      "entropy": float((ent * m).sum() / m.sum()), "response_length": float(m.sum(-1).mean()),
+                      "truncated_rate": float(ro.truncated.float().mean()), **times}
+        self.samples = [{"prompt": p, "response": r, "reward": float(x), "truncated": bool(t)}
+                        for p, r, x, t in zip(ro.row_prompts(), ro.responses, raw.tolist(), ro.truncated.tolist())]
+
+
+class OnPolicy(_Online):
+    """``[source] kind = "on_policy"``: ``n`` (``[source] n``) samples per prompt from the current policy.
+
+    ``collect()`` (no gradient): the next prompts → :func:`generate` (``n`` per prompt, groups consecutive) →
+    reward (shaped by the run's truncation rule) → old-policy log-probs and entropy per token (one pass, at the
+    sampling temperature), reference log-probs (one pass; the old ones when the algorithm has no reference),
+    the critic's values for ``gae``, and for a ``greedy`` baseline a greedy decode of every prompt and its
+    reward (ReMax). Returns a validated :class:`SampleBatch` with weights ``1/B``, ``index`` = row numbers and
+    the normalisers of the whole batch (``max_len`` = ``max_new_tokens``: Dr. GRPO's constant).
+
+    ``attach(batch)`` scores the batch's rows (all, or a micro-batch of them via ``batch.index``) under the
+    current policy (and critic) with gradient.
+    """
+
+    def __init__(self, algorithm: Any, prompts: PromptStream, ctx: RolloutContext):
+        src = algorithm.components.source
+        super().__init__(algorithm, prompts, ctx, int(src.get("n") or 1))
+        self.greedy = algorithm.components.reward.get("baseline") == "greedy"
+        self.gae = algorithm.components.reward.get("baseline") == "gae"
+        if self.gae and ctx.critic is None:
+            raise ConfigError(f"{algorithm.name}: the 'gae' reward estimate needs a critic; the trainer builds one "
+                              f"(ValueModel) for gae compositions")
+
+    @torch.no_grad()
+    def collect(self) -> SampleBatch:
+        c, t = self.ctx, {}
+        t0 = time.time()
+        texts_ids = self.prompts.next()
+        ro = self._rollout(self.n, prompts=texts_ids)
+        greedy_ro = self._rollout(1, greedy=True, prompts=texts_ids) if self.greedy else None
+        t["generation_s"] = time.time() - t0
+        t0 = time.time()
+        raw, rewards = self._score(ro)
+        greedy_rewards = self._score(greedy_ro)[1][ro.group] if greedy_ro is not None else None
+        t["reward_s"] = time.time() - t0
+        t0 = time.time()
+        old, ent, self._fused = self._old_logps(ro)
+        ref = self._logps(c.reference, ro) if c.reference is not None else old.clone()
+        values = c.critic(ro.input_ids, ro.attention_mask, ro.prompt_len) * ro.response_mask if self.gae else None
+        t["logprob_s"] = time.time() - t0
+        self.rollout = ro
+        self._record(ro, raw, rewards, old, ref, ent, t)
+        if greedy_rewards is not None:
+            self.stats["greedy_reward"] = float(greedy_rewards.mean())
+        B = old.shape[0]
+        w = torch.full((B,), 1.0 / B, dtype=torch.float32, device=old.device)
+        norm = Normalisers.of(ro.response_mask, w, max_len=c.sampling.max_new_tokens)
+        return SampleBatch(logps=old, old_logps=old, ref_logps=ref, rewards=rewards, group=ro.group, weights=w,
+                           response_mask=ro.response_mask, greedy_rewards=greedy_rewards, old_values=values,
+                           norm=norm, index=torch.arange(B, device=old.device)).validate()
+
+    def attach(self, batch: SampleBatch) -> SampleBatch:
+        if self.rollout is None or batch.index is None:
+            raise InputError("OnPolicy.attach takes a batch (or a micro-batch) of its last collect()")
+        ro, rows = self.rollout, batch.index
+        if self._fused is not None and rows.shape[0] == self._fused.shape[0]:
+            logps, self._fused = self._fused, None          # the graph of collect's pass, used once
+        else:
+            logps = self._logps(self.ctx.policy, ro, rows)
+        values = None
+        if self.gae:
+            values = self.ctx.critic(ro.input_ids[rows], ro.attention_mask[rows], ro.prompt_len) * ro.response_mask[rows]
+        return batch.with_logps(logps, values)
+
+
+class OnPolicyPairs(_Online):
+    """``[source] kind = "on_policy_pairs"``: two samples per prompt from the current policy, labelled by the
+    run's reward (online DPO, Guo et al. 2402.04792 Alg. 1; iterated DPO with ``reset_every``).
+
+    ``collect()`` (no gradient) returns a :class:`PairBatch`: ``first``/``second`` = the two responses, ``labels``
+    = P(first ≻ second) from the rewards per ``pair_labels`` (:data:`PAIR_LABELS`; ``expected``: σ(r₁ − r₂), the
+    Bradley–Terry probability the composition's target assumes), reference log-probs summed over response
+    tokens, lengths, both rewards (for ``reward_difference`` losses), weights ``1/G``. ``attach`` adds the
+    policy's log-probs with gradient (one forward over the 2G responses).
+    """
+
+    def __init__(self, algorithm: Any, prompts: PromptStream, ctx: RolloutContext):
+        if ctx.pair_labels not in PAIR_LABELS:
+            raise InputError(f"pair_labels must be one of {', '.join(PAIR_LABELS)}, got {ctx.pair_labels!r}")
+        super().__init__(algorithm, prompts, ctx, 2)
+
+    def _labels(self, r1: Tensor, r2: Tensor) -> Tensor:
+        p = torch.sigmoid(r1 - r2)
+        if self.ctx.pair_labels == "sampled":
+            return torch.bernoulli(p)
+        if self.ctx.pair_labels == "better":
+            return (r1 > r2).float() + 0.5 * (r1 == r2).float()
+        return p
+
+    @torch.no_grad()
+    def collect(self) -> PairBatch:
+        c, t = self.ctx, {}
+        t0 = time.time()
+        ro = self._rollout(2)
+        t["generation_s"] = time.time() - t0
+        t0 = time.time()
+        raw, rewards = self._score(ro)
+        t["reward_s"] = time.time() - t0
+        t0 = time.time()
+        old, ent, self._fused = self._old_logps(ro)
+        ref = self._logps(c.reference, ro) if c.reference is not None else torch.zeros_like(old)
+        t["logprob_s"] = time.time() - t0
+        self.rollout = ro
+        self._record(ro, raw, rewards, old, ref if c.reference is not None else old, ent, t)
+        seq_old, seq_ref, n = old.sum(-1), ref.sum(-1), ro.lengths
+        G = seq_old.shape[0] // 2
+        w = torch.full((G,), 1.0 / G, dtype=torch.float32, device=old.device)
+        labels = self._labels(rewards[0::2], rewards[1::2])
+        self.stats["label_mean_confidence"] = float((labels - 0.5).abs().mean() + 0.5)
+        return PairBatch(chosen_logps=seq_old[0::2], rejected_logps=seq_old[1::2], ref_chosen_logps=seq_ref[0::2],
+                         ref_rejected_logps=seq_ref[1::2], weights=w, labels=labels, chosen_lengths=n[0::2],
+                         rejected_lengths=n[1::2], chosen_rewards=rewards[0::2], rejected_rewards=rewards[1::2],
+                         group=torch.arange(G, device=old.device)).validate()
+
+    def attach(self, batch: PairBatch) -> PairBatch:
+        if self.rollout is None:
+            raise InputError("OnPolicyPairs.attach takes the batch of its last collect()")
+        if self._fused is not None:
+            lp, self._fused = self._fused.sum(-1), None
+        else:
+            lp = self._logps(self.ctx.policy, self.rollout).sum(-1)
+        return replace(batch, chosen_logps=lp[0::2], rejected_logps=lp[1::2])
+
+
+#: the LM producer of each ``[source]`` kind (``offline_samples`` has none on an LM yet)
+PRODUCERS = {"offline_pairs": OfflinePairs, "on_policy": OnPolicy, "on_policy_pairs": OnPolicyPairs}

