@@ -58,23 +58,18 @@ class ValueModel(nn.Module):
         Raises:
             InputError: not a loadable one-output sequence-classification checkpoint with a ``score`` head.
         """
-        from transformers import AutoModelForSequenceClassification
+        from .rewards import RewardError, load_reward_model, score_head
 
         try:
-            rm = AutoModelForSequenceClassification.from_pretrained(str(path), local_files_only=True,
-                                                                    dtype=torch.float32)
-        except (OSError, ValueError) as e:
-            raise InputError(f"--critic-init {path!r}: not a sequence-classification checkpoint ({e})") from e
-        score = getattr(rm, "score", None)
-        prefix = getattr(rm, "base_model_prefix", None)
-        if not isinstance(score, nn.Linear) or score.out_features != 1 or getattr(rm, prefix or "", None) is None:
-            raise InputError(f"--critic-init {path!r}: need a one-output head named 'score' on a backbone "
-                             f"(e.g. LlamaForSequenceClassification, num_labels=1), got {type(rm).__name__}")
+            rm, _ = load_reward_model(path)               # one output and a score head, or RewardError
+        except RewardError as e:
+            raise InputError(f"--critic-init {path!r}: {e}") from e
+        backbone, score = score_head(rm)
         head = nn.Linear(score.in_features, 1, bias=True)
         with torch.no_grad():
             head.weight.copy_(score.weight.float())
             head.bias.copy_(score.bias.float() if score.bias is not None else torch.zeros(1))
-        vm = cls(getattr(rm, prefix), head, f"reward model {path} (backbone and score head)").to(device)
+        vm = cls(backbone, head, f"reward model {path} (backbone and score head)").to(device)
         for p in vm.parameters():
             p.requires_grad_(True)
         return vm

@@ -171,30 +171,15 @@ def _online_algorithm(algorithm: Any) -> Any:
     return algo
 
 
-def _precheck_prompts(prompts: Any, allow_hub: bool) -> None:
-    """Refuse a prompt source that cannot exist before the (slow) model load; :func:`load_prompts` says more."""
-    from .prompts import _PROMPT_ALIASES, BUILTIN_PROMPTS
-
-    if not isinstance(prompts, (str, Path)):
-        return
-    name = str(prompts)
-    if name.lower() in _PROMPT_ALIASES or Path(name).expanduser().exists():
-        return
-    if Path(name).suffix or name.startswith((".", "/", "~")) or name.count("/") != 1 or not allow_hub:
-        raise InputError(f"prompt source {name!r} not found: not a local file or directory, not a built-in name "
-                         f"({', '.join(BUILTIN_PROMPTS)})" + ("" if allow_hub else
-                                                              ", and hub ids need --allow-hub"))
-
-
 def _load_online_inputs(algorithm: Any, model: Any, tokenizer: Any, prompts: Any, reward: Any,
                         cfg: OnlineConfig, allow_hub: bool) -> _OnlineInputs:
     """Resolve and check the algorithm, reward, model and prompts (cheap checks before slow loads)."""
-    from .prompts import load_prompts, tokenize_prompts
+    from .prompts import check_prompt_source, load_prompts, tokenize_prompts
     from .rewards import load_reward
 
     algo = _online_algorithm(algorithm)
     reward_fn = load_reward(reward)
-    _precheck_prompts(prompts, allow_hub)
+    check_prompt_source(prompts, allow_hub)                 # before the slow model load
     policy, tok, model_name = resolve_model(model, tokenizer, DTYPES[cfg.dtype])
     backbone_and_head(policy)
     from .prompts import PromptData

@@ -33,6 +33,7 @@ from .data import (_ALIASES, DEFAULT_SPLIT_SEED, HH_ASSISTANT, _is_messages, _no
 __all__ = [
     "DEFAULT_EVAL_PROMPTS",
     "BUILTIN_PROMPTS",
+    "check_prompt_source",
     "TINYSTORIES_RULE",
     "PromptData",
     "PromptTruncation",
@@ -323,6 +324,56 @@ def _count(v: Any, what: str, low: int, hint: str = "") -> int:
 # ------------------------------------------------------------------------------------------ loading
 
 
+def _load_builtin(key: str, tokenizer: Any, seed: int, eval_prompts: int, allow_hub: bool) -> PromptData:
+    """A built-in prompt set (:data:`BUILTIN_PROMPTS`): TinyStories' rule, or the prompt side of a built-in
+    preference dataset with its own eval split."""
+    meta = BUILTIN_PROMPTS[key]
+    folder = data_dir() / meta["folder"]
+    if key == "tinystories":
+        if not folder.is_dir():
+            raise InputError(f"built-in prompt set 'tinystories' not found at {folder} (set UDRRA_DATA_DIR to "
+                             f"the folder holding {meta['folder']}/; it has no hub fallback)")
+        data = _load_tinystories(folder, seed, eval_prompts)
+    else:
+        pref = load_preference_data(key, tokenizer, seed=seed, allow_hub=allow_hub)
+        eval_split = pref.info.get("eval_split", "eval")
+        train, ev, extra = _given_split([p.prompt for p in pref.train], [p.prompt for p in pref.eval],
+                                        eval_prompts, seed if key == "hh-rlhf" else None,
+                                        f"given split {eval_split!r} of load_preference_data({key!r}): "
+                                        f"its first eval_prompts unique prompts")
+        _check_nonempty(train, ev, key)
+        rule = (f"the prompt side of load_preference_data({key!r}"
+                + (f", seed={seed}" if key == "hh-rlhf" else "")
+                + f"): its train split's unique prompts (train) and the first {eval_prompts} unique prompts of "
+                  f"its {eval_split} split (eval)")
+        if key == "hh-rlhf":
+            rule += f"; each prompt ends with {HH_ASSISTANT!r}"
+        info = {"source": pref.info.get("source", key), "rule": rule, "format": pref.info.get("format"),
+                "rows": {"train": len(pref.train), "eval": len(pref.eval)},
+                "dropped": pref.info.get("dropped", {}), **extra}
+        data = PromptData(key, train, ev, info)
+    data.info.update(license=meta["license"], citation=meta["citation"], description=meta["description"])
+    return data
+
+
+def check_prompt_source(source: Any, allow_hub: bool = False) -> None:
+    """The cheap part of :func:`load_prompts`'s checks, before any model is loaded: a name that is neither a
+    built-in, nor an existing path, nor (with ``allow_hub``) a hub id ``owner/name`` raises :class:`InputError`.
+    Non-string sources (rows, datasets) pass."""
+    if not isinstance(source, (str, Path)):
+        return
+    name = str(source)
+    if name.lower() in _PROMPT_ALIASES or Path(name).expanduser().exists():
+        return
+    builtins = ", ".join(BUILTIN_PROMPTS)
+    if Path(name).suffix or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise InputError(f"prompt source {name!r} not found: not a local file or directory, not a built-in name "
+                         f"({builtins}), not a hub id 'owner/name'")
+    if not allow_hub:
+        raise InputError(f"prompt source {name!r} is not a local path or a built-in name ({builtins}); to load it "
+                         f"as a Hugging Face hub dataset pass allow_hub=True")
+
+
 def load_prompts(source: Any, tokenizer: Any = None, *, seed: int = DEFAULT_SPLIT_SEED,
                  eval_prompts: int = DEFAULT_EVAL_PROMPTS, allow_hub: bool = False) -> PromptData:
     """Load a prompt-only dataset for on-policy rollouts into unique train / held-out eval prompt strings.
@@ -372,40 +423,14 @@ def load_prompts(source: Any, tokenizer: Any = None, *, seed: int = DEFAULT_SPLI
     if isinstance(source, PromptData):
         return source
     eval_prompts = _count(eval_prompts, "eval_prompts", 0, " (0 = no held-out prompts)")
-    builtins = ", ".join(BUILTIN_PROMPTS)
     if not isinstance(source, (str, Path)):
         return _from_rows(source, tokenizer, type(source).__name__, seed, eval_prompts)
     name = str(source)
     key = _PROMPT_ALIASES.get(name.lower())
     if key is not None and not Path(name).exists():
-        meta = BUILTIN_PROMPTS[key]
-        folder = data_dir() / meta["folder"]
-        if key == "tinystories":
-            if not folder.is_dir():
-                raise InputError(f"built-in prompt set 'tinystories' not found at {folder} (set UDRRA_DATA_DIR to "
-                                 f"the folder holding {meta['folder']}/; it has no hub fallback)")
-            data = _load_tinystories(folder, seed, eval_prompts)
-        else:
-            pref = load_preference_data(key, tokenizer, seed=seed, allow_hub=allow_hub)
-            eval_split = pref.info.get("eval_split", "eval")
-            train, ev, extra = _given_split([p.prompt for p in pref.train], [p.prompt for p in pref.eval],
-                                            eval_prompts, seed if key == "hh-rlhf" else None,
-                                            f"given split {eval_split!r} of load_preference_data({key!r}): "
-                                            f"its first eval_prompts unique prompts")
-            _check_nonempty(train, ev, key)
-            rule = (f"the prompt side of load_preference_data({key!r}"
-                    + (f", seed={seed}" if key == "hh-rlhf" else "")
-                    + f"): its train split's unique prompts (train) and the first {eval_prompts} unique prompts of "
-                      f"its {eval_split} split (eval)")
-            if key == "hh-rlhf":
-                rule += f"; each prompt ends with {HH_ASSISTANT!r}"
-            info = {"source": pref.info.get("source", key), "rule": rule, "format": pref.info.get("format"),
-                    "rows": {"train": len(pref.train), "eval": len(pref.eval)},
-                    "dropped": pref.info.get("dropped", {}), **extra}
-            data = PromptData(key, train, ev, info)
-        data.info.update(license=meta["license"], citation=meta["citation"], description=meta["description"])
-        return data
+        return _load_builtin(key, tokenizer, seed, eval_prompts, allow_hub)
 
+    check_prompt_source(name, allow_hub)
     path = Path(name).expanduser()
     if path.exists():
         if path.is_dir():
@@ -418,12 +443,6 @@ def load_prompts(source: Any, tokenizer: Any = None, *, seed: int = DEFAULT_SPLI
                 raise InputError(f"cannot read prompt dataset folder {path}: {first}") from e
             return _from_rows(ds, tokenizer, str(path), seed, eval_prompts)
         return _from_rows(_read_file(path), tokenizer, str(path), seed, eval_prompts)
-    if path.suffix or name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise InputError(f"prompt source {name!r} not found: not a local file or directory, not a built-in name "
-                         f"({builtins}), not a hub id 'owner/name'")
-    if not allow_hub:
-        raise InputError(f"prompt source {name!r} is not a local path or a built-in name ({builtins}); to load it "
-                         f"as a Hugging Face hub dataset pass allow_hub=True")
     import datasets
 
     try:

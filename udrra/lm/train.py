@@ -253,35 +253,22 @@ def evaluate(algo: Any, policy: Any, reference: Any, rows: Sequence[TokenizedPai
 @torch.no_grad()
 def sample_responses(policy: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, seed: int,
                      pad_token_id: int, eos_token_id: int) -> List[List[int]]:
-    """Sample one response per prompt from ``policy`` exactly as it is: temperature 1, no top-k / top-p /
-    repetition penalty (a fresh ``GenerationConfig``, so the checkpoint's sampling defaults do not apply), at
-    most ``max_new_tokens`` tokens, cut after the first eos (kept). Prompts are left-padded for the batched
-    ``generate``. The global torch RNG is seeded with ``seed`` inside ``fork_rng`` and restored afterwards.
+    """Sample one response per prompt from ``policy`` exactly as it is with :func:`udrra.lm.rollout.generate`:
+    temperature 1, no top-k / top-p / repetition penalty (a fresh ``GenerationConfig``, so the checkpoint's
+    sampling defaults do not apply), at most ``max_new_tokens`` tokens, cut after the first eos (kept), prompts
+    left-padded. The global torch RNG is seeded with ``seed`` inside ``fork_rng`` and restored afterwards.
 
     Returns a list of response token-id lists (each ≥ 1 token).
     """
-    from transformers import GenerationConfig
+    from .rollout import Sampling, generate
 
     device = next(policy.parameters()).device
-    L = max(len(p) for p in prompts)
-    n = len(prompts)
-    ids = torch.full((n, L), int(pad_token_id), dtype=torch.long)
-    att = torch.zeros((n, L), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, L - len(p):] = torch.tensor(list(p), dtype=torch.long)
-        att[i, L - len(p):] = 1
-    gc = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=int(max_new_tokens),
-                          pad_token_id=int(pad_token_id), eos_token_id=int(eos_token_id))
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        gen = policy.generate(input_ids=ids.to(device), attention_mask=att.to(device), generation_config=gc)
-    out = []
-    for r in gen[:, L:].tolist():
-        if int(eos_token_id) in r:
-            r = r[:r.index(int(eos_token_id)) + 1]
-        out.append(r)
-    return out
+        ro = generate(policy, prompts, [""] * len(prompts), Sampling(max_new_tokens=int(max_new_tokens)),
+                      pad_token_id=int(pad_token_id), eos_token_id=int(eos_token_id))
+    return [r[m > 0].tolist() for r, m in zip(ro.response_ids, ro.response_mask)]
 
 
 @torch.no_grad()

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from .data import DEFAULT_SPLIT_SEED, TokenizedPair, collate_pairs, load_preference_data, tokenize_pairs
-from .rewards import is_sequence_classification_dir, last_token_scores, score_head
+from .rewards import is_sequence_classification_dir, last_token_scores, load_reward_model, score_head
 from .run import atomic_run, check_output_dir, disable_dropout, peak_rss_mb, versions
 from .train import _precheck_dataset
 
@@ -130,17 +130,7 @@ def build_reward_model(model: Any, tokenizer: Any = None) -> Tuple[Any, Any, Dic
         name = str(model)
         path = Path(name).expanduser()
         if path.is_dir() and is_sequence_classification_dir(path):
-            from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-            try:
-                tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-                rm = AutoModelForSequenceClassification.from_pretrained(str(path), local_files_only=True)
-            except (OSError, ValueError, KeyError) as e:
-                raise InputError(f"cannot load sequence-classification checkpoint {name!r}: "
-                                 f"{str(e).strip().splitlines()[0]}") from e
-            score_head(rm)
-            if int(rm.config.num_labels) != 1:
-                raise InputError(f"{name!r} has num_labels={rm.config.num_labels}; a reward model needs exactly 1")
+            rm, tok = load_reward_model(path)          # one output, a score head, pad set: or RewardError
             tok = _finish_tokenizer(tok)
             rm.config.pad_token_id = int(tok.pad_token_id)
             return rm, tok, {"name": name, "initialised_from": "sequence-classification checkpoint",
