@@ -32,6 +32,11 @@ def count_a(prompts, responses):
     return [r.count("a") / 4.0 for r in responses]
 
 
+def length_reward(prompts, responses):
+    """A reward that differs between almost any two responses (non-zero group advantages)."""
+    return [len(r) + 0.1 * sum(map(ord, r)) % 1.0 for r in responses]
+
+
 def fast(**kw):
     base = dict(max_steps=2, batch_size=3, learning_rate=1e-3, sampling=Sampling(max_new_tokens=6), eval_prompts=3,
                 sample_steps=1)
@@ -88,17 +93,24 @@ def test_step0_training_logps_equal_generation_logps_at_the_sampling_temperature
     texts = ["ab", "hello there", "q"]
     pids = ids_of(tok, texts)
     sampling = Sampling(temperature=temperature, max_new_tokens=7)
-    torch.manual_seed(0)
-    ro = generate(model, pids, texts, sampling, n=2, pad_token_id=PAD, eos_token_id=EOS, tokenizer=tok)
-    # generation's own log-probs: replay the same sampling with output_scores (processed = logits / T)
-    torch.manual_seed(0)
-    gc = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=7,
-                          pad_token_id=PAD, eos_token_id=EOS, output_scores=True, return_dict_in_generate=True)
-    out = model.generate(input_ids=ro.prompt_ids, attention_mask=ro.prompt_mask, generation_config=gc)
+    seeds = [11, 12, 13]
+    ro = generate(model, pids, texts, sampling, n=2, pad_token_id=PAD, eos_token_id=EOS, tokenizer=tok, seeds=seeds)
+    # generation's own log-probs: replay the same seeded Gumbel-max sampling (row (i, j) draws from the generator
+    # seed_of(seeds[i], j)) through transformers' generate with output_logits; processed scores = logits / T
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper
+
+    from udrra.lm.rollout import _gumbel_noise_class, seed_of
+
+    gens = [torch.Generator().manual_seed(seed_of(s, j)) for s in seeds for j in range(2)]
+    procs = ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []) + [_gumbel_noise_class()(gens)]
+    gc = GenerationConfig(do_sample=False, max_new_tokens=7, pad_token_id=PAD, eos_token_id=EOS, output_logits=True,
+                          return_dict_in_generate=True)
+    out = model.generate(input_ids=ro.prompt_ids, attention_mask=ro.prompt_mask, generation_config=gc,
+                         logits_processor=LogitsProcessorList(procs))
     T = ro.response_ids.shape[1]
     assert torch.equal(out.sequences[:, ro.prompt_len:ro.prompt_len + T].masked_fill(ro.response_mask == 0, PAD),
                        ro.response_ids)
-    gen_lp = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores[:T]], 1)
+    gen_lp = torch.stack([torch.log_softmax(lg.float() / temperature, -1) for lg in out.logits[:T]], 1)
     gen_lp = gen_lp.gather(-1, ro.response_ids[..., None]).squeeze(-1) * ro.response_mask
     train_lp = response_logps(model, ro.input_ids, ro.attention_mask, ro.prompt_len, ro.response_mask,
                               temperature=temperature)
@@ -187,7 +199,7 @@ def test_micro_batches_and_the_fused_old_logp_pass_give_the_whole_batch_gradient
         ref = make_reference(model)
         algo = udrra.load("grpo", {"source.n": 3, "source.aggregation": "token_mean"})
         torch.manual_seed(0)
-        prod = OnPolicy(algo, _stream(tok), _ctx(model, tok, reference=ref, fuse=fuse))
+        prod = OnPolicy(algo, _stream(tok), _ctx(model, tok, reward=length_reward, reference=ref, fuse=fuse))
         batch = algo.estimate(prod.collect())
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
         optimizer_step(algo, prod, batch, opt, micro_batches=micro)

@@ -263,7 +263,9 @@ def test_the_lm_trainer_runs_the_shared_loop_and_reset_every_counts_optimizer_st
         calls.append(kw)
         return udrra.loop.fit(*args, **kw)
 
-    monkeypatch.setattr(lm_train, "fit", spy)
+    import udrra.lm.runner
+
+    monkeypatch.setattr(udrra.lm.runner, "fit", spy)  # the step loop of every LM trainer
     algo = udrra.load("dpo", overrides={"reference.update": "reset_every", "reference.every": 2})
     fast = {**FAST, "batch_size": 2, "kl_prompts": 0}
     res = train(algo, tiny_llama(), ROWS, tokenizer=char_tokenizer(), output_dir=tmp_path / "a", max_steps=2,

@@ -1,7 +1,9 @@
 """The ``udrra`` command line: list, show, verify, ablate, train, train-rm.
 
 Exit codes: 0 success; 1 ``verify`` found an algorithm off its target; 2 usage or input errors (unknown
-algorithm, malformed TOML, invalid composition, bad data), printed as one line on stderr.
+algorithm, malformed TOML, invalid composition, bad data), printed as one line on stderr; 3 a training run
+stopped on a non-finite loss or gradient (:class:`udrra.errors.TrainingError`); 128 + the signal number (130 for
+Ctrl-C, 143 for SIGTERM) when ``udrra train`` was interrupted and saved a checkpoint to resume from.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .errors import UdrraError
+from .errors import RunInterrupted, TrainingError, UdrraError
 
 DEFAULT_P, DEFAULT_K = 3, 5
 #: the default sequence testbed (``udrra verify --testbed sequence``): 2 prompts, V = 3 (EOS + 2 tokens), L = 3,
@@ -268,6 +270,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except RunInterrupted as e:
+        print(f"udrra: {e}", file=sys.stderr)
+        return 128 + int(e.signum)
+    except TrainingError as e:
+        print(f"udrra: error: {e}", file=sys.stderr)
+        return 3
     except UdrraError as e:
         print(f"udrra: error: {e}", file=sys.stderr)
         return 2

@@ -169,7 +169,8 @@ def _sum_outputs(outs: List[LossOutput], shares: List[float]) -> LossOutput:
 
 def accumulated_step(algorithm, producer: Producer, optimizer: torch.optim.Optimizer, parts: int, *,
                      estimates: bool, loss_scale: float = 1.0,
-                     backward: Optional[Callable[[torch.Tensor], None]] = None) -> LossOutput:
+                     backward: Optional[Callable[[torch.Tensor], None]] = None,
+                     estimate: Optional[Callable[[Batch], Batch]] = None) -> LossOutput:
     """One optimizer step over ``parts`` batches (gradient accumulation): each batch is collected, attached and
     backpropagated (loss / ``parts``) before the next is collected; then one step. Returns
     :func:`merge_outputs` of the batches' outputs."""
@@ -178,7 +179,7 @@ def accumulated_step(algorithm, producer: Producer, optimizer: torch.optim.Optim
     for _ in range(parts):
         batch = producer.collect()
         if estimates:
-            batch = algorithm.estimate(batch)
+            batch = (estimate or algorithm.estimate)(batch)
         outs.append(backward_pass(algorithm, producer, batch, loss_scale, backward, parts))
     optimizer.step()
     return merge_outputs(outs)
@@ -190,7 +191,9 @@ def fit(algorithm, producer: Producer, optimizer: torch.optim.Optimizer, *, step
         before_step: Optional[Callable[[int], None]] = None,
         after_step: Optional[Callable[[int, LossOutput], bool]] = None,
         converged: Optional[Callable[[int], bool]] = None, first_step: int = 1, accumulate: int = 1,
-        backward: Optional[Callable[[torch.Tensor], None]] = None, micro_batches: int = 1) -> int:
+        backward: Optional[Callable[[torch.Tensor], None]] = None, micro_batches: int = 1,
+        estimate: Optional[Callable[[Batch], Batch]] = None,
+        end_step: Optional[Callable[[int], bool]] = None) -> int:
     """Run the step loop: collect → reward estimate → (epochs ×) log-probs → loss → optimizer step → reference.
 
     Args:
@@ -213,6 +216,10 @@ def fit(algorithm, producer: Producer, optimizer: torch.optim.Optimizer, *, step
         backward(loss): replaces ``loss.backward()`` (e.g. ``accelerator.backward``).
         micro_batches: cut each estimated :class:`SampleBatch` into this many micro-batches per optimizer step
             (:func:`optimizer_step`; exact for every aggregation).
+        estimate(batch): replaces ``algorithm.estimate`` (the LM trainer estimates on the batch of every process,
+            :func:`udrra.lm.parallel.estimate_global`).
+        end_step(step): called at the very end of each step, after its reference update (checkpoints);
+            returning True stops the loop.
     Returns:
         The number of the last step run.
     Raises:
@@ -229,6 +236,7 @@ def fit(algorithm, producer: Producer, optimizer: torch.optim.Optimizer, *, step
                          "SampleBatch.split, whose global normalisers keep every aggregation exact")
     update = reference_update or ReferenceUpdate.of(algorithm.components.reference)
     estimates = not algorithm.pair_based and algorithm.components.reward.kind == "explicit"
+    estimate = estimate or algorithm.estimate
     last = first_step + steps - 1
     step = first_step
     while step <= last:
@@ -236,16 +244,16 @@ def fit(algorithm, producer: Producer, optimizer: torch.optim.Optimizer, *, step
             before_step(step)
         if accumulate > 1:                                           # 1-4 over `accumulate` batches, one step
             out = accumulated_step(algorithm, producer, optimizer, accumulate, estimates=estimates,
-                                   loss_scale=loss_scale, backward=backward)
+                                   loss_scale=loss_scale, backward=backward, estimate=estimate)
         else:
             batch = producer.collect()                               # 1. sample source (no gradient)
             if estimates:
-                batch = algorithm.estimate(batch)                    # 2. reward estimate on the whole batch
+                batch = estimate(batch)                              # 2. reward estimate on the whole batch
             for _ in range(epochs):                                  # 3-4. log-probs → loss → optimizer step
                 out = optimizer_step(algorithm, producer, batch, optimizer, loss_scale, backward, micro_batches)
         stop = after_step is not None and after_step(step, out)      # logging, averaging (before any reset)
         update.after_step(reference, policy, step)                   # 5. reference update
-        if stop:
+        if stop or (end_step is not None and end_step(step)):       # checkpoints see the updated reference
             return step
         if converged is not None and converged(step):
             if update.rule != "reset_every":

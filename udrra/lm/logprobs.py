@@ -19,7 +19,8 @@ from torch import Tensor
 from ..errors import InputError
 from ..kernels import linear_logprobs
 
-__all__ = ["token_logps", "sequence_logps", "response_logps", "backbone_and_head", "DEFAULT_CHUNK_TOKENS"]
+__all__ = ["token_logps", "sequence_logps", "response_logps", "backbone_and_head", "LogProbModel",
+           "DEFAULT_CHUNK_TOKENS"]
 
 #: Tokens per chunk of logits on the CPU paths (``None`` = the op's default, about 128 MiB of fp32 logits).
 DEFAULT_CHUNK_TOKENS = None
@@ -120,6 +121,8 @@ def sequence_logps(model: Any, input_ids: Tensor, attention_mask: Tensor, loss_m
     if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape or loss_mask.shape != input_ids.shape:
         raise InputError(f"sequence_logps: input_ids, attention_mask and loss_mask must all be (B, T); got "
                          f"{tuple(input_ids.shape)}, {tuple(attention_mask.shape)}, {tuple(loss_mask.shape)}")
+    if _is_log_prob_model(model):
+        return model("sequence", input_ids, attention_mask, loss_mask, chunk_tokens=chunk_tokens)
     backbone, weight = backbone_and_head(model)
     out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state  # (B, T, H)
@@ -156,6 +159,9 @@ def response_logps(model: Any, input_ids: Tensor, attention_mask: Tensor, prompt
         raise InputError(f"response_logps: need input_ids/attention_mask (B, prompt_len + T) and response_mask "
                          f"(B, T) with prompt_len >= 1; got {tuple(input_ids.shape)}, {tuple(attention_mask.shape)}, "
                          f"prompt_len={prompt_len}, response_mask {tuple(response_mask.shape)}")
+    if _is_log_prob_model(model):
+        return model("response", input_ids, attention_mask, prompt_len, response_mask, temperature=temperature,
+                     return_entropy=return_entropy, chunk_tokens=chunk_tokens)
     backbone, weight = backbone_and_head(model)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
     out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
@@ -164,3 +170,35 @@ def response_logps(model: Any, input_ids: Tensor, attention_mask: Tensor, prompt
     targets = input_ids[:, prompt_len:].masked_fill(response_mask <= 0, -100)
     return token_logps(h, weight, targets, ignore_index=-100, chunk_tokens=chunk_tokens, temperature=temperature,
                        return_entropy=return_entropy)
+
+
+class LogProbModel(torch.nn.Module):
+    """A causal LM whose ``forward`` is the log-prob op: the module the trainer hands to ``accelerator.prepare``.
+
+    :func:`sequence_logps` and :func:`response_logps` run the backbone and multiply its hidden states by the
+    lm_head weight directly (the fused op never materialises the logits), which bypasses the model's own
+    ``forward``. A data-parallel wrapper (DDP, FSDP) only synchronises gradients and gathers parameters for work
+    done inside ITS forward, so the trainer wraps the policy in this module and prepares that instead: the two
+    functions, given a ``LogProbModel`` (or a wrapper around one), call it, and its ``forward`` runs the same op
+    on ``self.model``. The parameters are the model's own (no copy).
+
+    ``forward(kind, *args, **kwargs)``: ``kind`` = ``"sequence"`` → :func:`sequence_logps` (``args`` =
+    input_ids, attention_mask, loss_mask) or ``"response"`` → :func:`response_logps` (input_ids,
+    attention_mask, prompt_len, response_mask); keyword arguments as theirs.
+    """
+
+    def __init__(self, model: Any):
+        super().__init__()
+        self.model = model
+
+    def forward(self, kind: str, *args: Any, **kwargs: Any) -> Any:
+        if kind == "sequence":
+            return sequence_logps(self.model, *args, **kwargs)
+        if kind == "response":
+            return response_logps(self.model, *args, **kwargs)
+        raise InputError(f"LogProbModel.forward: kind must be 'sequence' or 'response', got {kind!r}")
+
+
+def _is_log_prob_model(model: Any) -> bool:
+    """A :class:`LogProbModel`, or a data-parallel wrapper (``.module``) around one."""
+    return isinstance(model, LogProbModel) or isinstance(getattr(model, "module", None), LogProbModel)

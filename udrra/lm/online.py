@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -30,13 +31,15 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..errors import ConfigError, InputError
-from ..loop import ReferenceUpdate, fit
+from ..loop import ReferenceUpdate
 from .data import DEFAULT_SPLIT_SEED
 from .logprobs import DEFAULT_CHUNK_TOKENS, backbone_and_head, response_logps
+from .parallel import World, estimate_global
 from .producers import PAIR_LABELS, OnPolicy, OnPolicyPairs, PromptStream, RolloutContext
 from .rollout import Sampling, generate
-from .run import (DTYPES, ClippedStep, atomic_run, check_output_dir, mean_dicts, peak_rss_mb, resolve_algorithm,
-                  resolve_model, save_model, setup, versions)
+from .run import (DTYPES, atomic_run, check_output_dir, peak_rss_mb, resolve_algorithm, resolve_model, save_model,
+                  setup, versions)
+from .runner import Checkpointing, StepRunner, check_fingerprint, find_checkpoint, read_checkpoint
 
 __all__ = ["OnlineConfig", "ONLINE_SOURCES", "train_online", "evaluate_generations", "is_online"]
 
@@ -69,7 +72,10 @@ class OnlineConfig:
         pair_labels: ``on_policy_pairs`` labels (:data:`udrra.lm.producers.PAIR_LABELS`).
         critic_init: ``"policy"`` or a reward-model directory (:class:`udrra.lm.critic.ValueModel`).
         threads: torch CPU threads for the whole run (``None``: torch's default; logged either way).
-        Others as in :func:`udrra.lm.train.train`.
+        save_steps, save_total_limit, resume, on_nonfinite: checkpoints and faults
+            (:class:`udrra.lm.runner.Checkpointing`).
+        Others as in :func:`udrra.lm.train.train`. ``batch_size`` is per process (the global batch is
+        ``batch_size × processes``).
     """
 
     max_steps: int = 20
@@ -98,6 +104,10 @@ class OnlineConfig:
     disable_dropout: bool = True
     dtype: str = "float32"
     chunk_tokens: Optional[int] = DEFAULT_CHUNK_TOKENS
+    save_steps: int = 0
+    save_total_limit: Optional[int] = None
+    resume: Optional[str] = None
+    on_nonfinite: str = "stop"
 
     def validate(self) -> "OnlineConfig":
         """Raise :class:`InputError` naming the first bad option and its valid range."""
@@ -172,7 +182,7 @@ def _online_algorithm(algorithm: Any) -> Any:
 
 
 def _load_online_inputs(algorithm: Any, model: Any, tokenizer: Any, prompts: Any, reward: Any,
-                        cfg: OnlineConfig, allow_hub: bool) -> _OnlineInputs:
+                        cfg: OnlineConfig, allow_hub: bool, world: Optional[World] = None) -> _OnlineInputs:
     """Resolve and check the algorithm, reward, model and prompts (cheap checks before slow loads)."""
     from .prompts import check_prompt_source, load_prompts, tokenize_prompts
     from .rewards import load_reward
@@ -187,9 +197,10 @@ def _load_online_inputs(algorithm: Any, model: Any, tokenizer: Any, prompts: Any
     data = prompts if isinstance(prompts, PromptData) else load_prompts(
         prompts, tok, seed=cfg.split_seed, eval_prompts=32 if cfg.eval_prompts is None else cfg.eval_prompts,
         allow_hub=allow_hub)
-    if len(data.train) < cfg.batch_size:
-        raise InputError(f"the prompt set {data.name!r} has {len(data.train)} training prompts, fewer than "
-                         f"batch_size={cfg.batch_size}")
+    n_proc = world.size if world is not None else 1
+    if len(data.train) < cfg.batch_size * n_proc:
+        raise InputError(f"the prompt set {data.name!r} has {len(data.train)} training prompts, fewer than the "
+                         f"global batch of {cfg.batch_size * n_proc} (batch_size={cfg.batch_size} x {n_proc} processes)")
     train_ids, tstats = tokenize_prompts(tok, data.train, max_prompt_length=cfg.max_prompt_length)
     n_eval = min(32 if cfg.eval_prompts is None else cfg.eval_prompts, len(data.eval))
     eval_texts = data.eval[:n_eval]
@@ -205,13 +216,15 @@ def _load_online_inputs(algorithm: Any, model: Any, tokenizer: Any, prompts: Any
 def evaluate_generations(policy: Any, reference: Optional[Any], prompts: Sequence[str],
                          prompt_ids: Sequence[Sequence[int]], reward: Any, tokenizer: Any, sampling: Sampling, *,
                          seed: int, batch_size: int = 32, progress: bool = False,
-                         chunk_tokens: Optional[int] = DEFAULT_CHUNK_TOKENS) -> Dict[str, float]:
+                         chunk_tokens: Optional[int] = DEFAULT_CHUNK_TOKENS, world: Any = None) -> Dict[str, float]:
     """Held-out metrics of ``policy`` from one sampled response per prompt.
 
-    The responses are sampled with ``sampling`` under a fixed ``seed`` (the global RNG is restored afterwards;
-    the same seed at every evaluation gives common random numbers across checkpoints). With
-    ``d = log π(y|x) − log π_ref(y|x)`` summed over the response tokens, both at the sampling temperature
-    (the KL between the distributions that actually sample), the metrics are:
+    Prompt ``i`` samples with the per-row seed ``seed_of(seed, i)`` (:func:`udrra.lm.rollout.generate`): the
+    same seed at every evaluation gives common random numbers across checkpoints, and the responses do not
+    depend on the batch size or on how many processes share the prompts. With several processes (``world``)
+    each samples its contiguous share of the prompts and the per-response values are gathered, so every metric
+    counts each prompt once. With ``d = log π(y|x) − log π_ref(y|x)`` summed over the response tokens, both at
+    the sampling temperature (the KL between the distributions that actually sample), the metrics are:
 
     - ``reward`` (mean of the raw reward), ``reward_std``;
     - ``kl_k1`` = mean d and ``kl_k3`` = mean (e^{−d} − 1 + d): unbiased estimates of the sequence
@@ -222,36 +235,44 @@ def evaluate_generations(policy: Any, reference: Optional[Any], prompts: Sequenc
     """
     if not prompts:
         return {}
-    device = next(policy.parameters()).device
-    devices = [device.index or 0] if device.type == "cuda" else []
-    rewards, d_all, lengths, trunc, bigrams, n_bigrams = [], [], [], [], set(), 0
     from tqdm.auto import tqdm
 
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        for s in tqdm(range(0, len(prompts), batch_size), desc="eval generations", disable=not progress,
-                      leave=False):
-            ro = generate(policy, prompt_ids[s:s + batch_size], prompts[s:s + batch_size], sampling,
-                          pad_token_id=int(tokenizer.pad_token_id), eos_token_id=int(tokenizer.eos_token_id),
-                          tokenizer=tokenizer)
-            rewards.append(reward(ro.row_prompts(), ro.responses).double())
-            lengths.append(ro.lengths.double().cpu())
-            trunc.append(ro.truncated.double().cpu())
-            if reference is not None:
-                args = (ro.input_ids, ro.attention_mask, ro.prompt_len, ro.response_mask)
-                kw = dict(temperature=sampling.temperature, chunk_tokens=chunk_tokens)
-                d = (response_logps(policy, *args, **kw) - response_logps(reference, *args, **kw)).sum(-1)
-                d_all.append(d.double().cpu())
-            for r, m in zip(ro.response_ids.tolist(), ro.response_mask.tolist()):
-                toks = [t for t, k in zip(r, m) if k > 0]
-                bigrams.update(zip(toks, toks[1:]))
-                n_bigrams += max(len(toks) - 1, 0)
-    r = torch.cat(rewards)
+    from .rollout import seed_of
+
+    start, stop = world.span(len(prompts)) if world is not None else (0, len(prompts))
+    records = []                                  # (reward, length, truncated, d or None, response tokens)
+    for s in tqdm(range(start, stop, batch_size), desc="eval generations", disable=not progress, leave=False):
+        e = min(s + batch_size, stop)
+        ro = generate(policy, prompt_ids[s:e], prompts[s:e], sampling, pad_token_id=int(tokenizer.pad_token_id),
+                      eos_token_id=int(tokenizer.eos_token_id), tokenizer=tokenizer,
+                      seeds=[seed_of(seed, i) for i in range(s, e)])
+        r = reward(ro.row_prompts(), ro.responses).double().tolist()
+        d = [None] * len(r)
+        if reference is not None:
+            args = (ro.input_ids, ro.attention_mask, ro.prompt_len, ro.response_mask)
+            kw = dict(temperature=sampling.temperature, chunk_tokens=chunk_tokens)
+            d = (response_logps(policy, *args, **kw) - response_logps(reference, *args, **kw)).sum(-1).double().tolist()
+        for i, (ids, m) in enumerate(zip(ro.response_ids.tolist(), ro.response_mask.tolist())):
+            toks = [t for t, k in zip(ids, m) if k > 0]
+            records.append((r[i], len(toks), bool(ro.truncated[i]), d[i], toks))
+    if world is not None:
+        records = world.gather_objects(records)
+    return _generation_metrics(records, len(prompts))
+
+
+def _generation_metrics(records: List[Tuple], n_prompts: int) -> Dict[str, float]:
+    """:func:`evaluate_generations`' metrics from its per-response records."""
+    r = torch.tensor([x[0] for x in records], dtype=torch.float64)
+    bigrams, n_bigrams = set(), 0
+    for x in records:
+        bigrams.update(zip(x[4], x[4][1:]))
+        n_bigrams += max(len(x[4]) - 1, 0)
     out = {"reward": float(r.mean()), "reward_std": float(r.std()) if r.numel() > 1 else 0.0,
-           "response_length": float(torch.cat(lengths).mean()), "truncated_rate": float(torch.cat(trunc).mean()),
-           "distinct_2": len(bigrams) / max(n_bigrams, 1), "n_prompts": float(len(prompts))}
-    if d_all:
-        d = torch.cat(d_all)
+           "response_length": sum(x[1] for x in records) / len(records),
+           "truncated_rate": sum(x[2] for x in records) / len(records),
+           "distinct_2": len(bigrams) / max(n_bigrams, 1), "n_prompts": float(n_prompts)}
+    if records[0][3] is not None:
+        d = torch.tensor([x[3] for x in records], dtype=torch.float64)
         out.update(kl_k1=float(d.mean()), kl_k3=float((torch.exp(-d) - 1 + d).mean()))
     return out
 
@@ -267,10 +288,10 @@ class _GenerationEvaluator:
         if not self.inp.eval_texts:
             return {}
         t0 = time.time()
-        m = evaluate_generations(self.s.unwrapped, self.s.reference, self.inp.eval_texts, self.inp.eval_ids,
+        m = evaluate_generations(self.s.model, self.s.reference, self.inp.eval_texts, self.inp.eval_ids,
                                  self.inp.reward, self.inp.tok, self.cfg.sampling, seed=self.cfg.seed + 1_000_003,
                                  batch_size=max(self.cfg.batch_size, 8), progress=self.progress,
-                                 chunk_tokens=self.cfg.chunk_tokens)
+                                 chunk_tokens=self.cfg.chunk_tokens, world=self.s.world)
         m["seconds"] = time.time() - t0
         m = {f"eval/{k}": v for k, v in m.items()}
         m["step"] = step
@@ -286,71 +307,55 @@ def _epochs(algo: Any) -> int:
     return int(algo.components.source.get("epochs") or 1)
 
 
-def _producer(inp: _OnlineInputs, s: Any, cfg: OnlineConfig, critic: Any):
-    ctx = RolloutContext(policy=s.unwrapped, sampler=s.unwrapped, reference=s.reference, critic=critic,
+def _producer(inp: _OnlineInputs, s: Any, cfg: OnlineConfig):
+    """The online producer: the gradient pass through the prepared policy (``s.policy``), generation and the
+    no-grad passes on the model itself, each process drawing its shard of every global batch of prompts."""
+    ctx = RolloutContext(policy=s.policy, sampler=s.model, reference=s.reference, critic=s.critic,
                          tokenizer=inp.tok, reward=inp.reward, sampling=cfg.sampling,
                          truncated_penalty=cfg.truncated_penalty, overlong_buffer=cfg.overlong_buffer,
                          pair_labels=cfg.pair_labels, chunk_tokens=cfg.chunk_tokens,
-                         fuse_old_logps=_epochs(inp.algo) == 1 and (cfg.micro_batches == 1 or inp.algo.pair_based))
-    stream = PromptStream(inp.prompts.train, inp.train_ids, cfg.batch_size, cfg.seed)
+                         fuse_old_logps=_epochs(inp.algo) == 1 and (cfg.micro_batches == 1 or inp.algo.pair_based),
+                         world=s.world)
+    stream = PromptStream(inp.prompts.train, inp.train_ids, cfg.batch_size, cfg.seed, world=s.world)
     cls = OnPolicyPairs if inp.algo.components.source.kind == "on_policy_pairs" else OnPolicy
     return cls(inp.algo, stream, ctx)
 
 
-def _train_online_steps(inp: _OnlineInputs, s: Any, producer: Any, evaluator: _GenerationEvaluator,
-                        cfg: OnlineConfig, samples_path: Path, progress: bool) -> Tuple[List[Dict], List[float], float]:
-    """``max_steps`` steps of :func:`udrra.loop.fit`; logs ``train/...`` (loss metrics + rollout stats) every
-    ``logging_steps``, writes generations every ``sample_steps``, evaluates every ``eval_steps``."""
-    from tqdm.auto import tqdm
-
+def _runner(inp: _OnlineInputs, s: Any, producer: Any, evaluator: _GenerationEvaluator, cfg: OnlineConfig,
+            out_dir: Path, samples_path: Path, progress: bool) -> StepRunner:
+    """The step loop: loss metrics + rollout statistics per step (``train/...``), generations into
+    ``samples.jsonl`` every ``sample_steps`` (main process), checkpoints, faults (:class:`StepRunner`)."""
     algo = inp.algo
-    opt = ClippedStep(s, cfg.max_grad_norm)
-    log_history: List[Dict[str, Any]] = []
-    window: List[Tuple[float, Dict[str, float]]] = []
-    step_times: List[float] = []
-    now = {"t0": 0.0}
-    bar = tqdm(total=cfg.max_steps, desc=f"udrra {algo.name}", disable=not progress)
 
-    def before(step: int) -> None:
-        if cfg.eval_steps and step > 1 and (step - 1) % cfg.eval_steps == 0:
-            evaluator(step - 1)
-        now["t0"] = time.time()
-
-    def backward(loss: torch.Tensor) -> None:
-        if not torch.isfinite(loss.detach()):
-            raise InputError(f"the loss is {float(loss)} (not finite); lower the learning rate or check the reward")
-        s.accelerator.backward(loss)
-
-    def after(step: int, out: Any) -> bool:
-        step_times.append(time.time() - now["t0"])
+    def step_metrics(step: int, out: Any) -> Dict[str, float]:
         sm = {f"loss/{k}" if k != "loss" else "loss": float(v) for k, v in dict(out.metrics).items()}
-        sm.update(producer.stats, grad_norm=opt.grad_norm, lr=float(s.scheduler.get_last_lr()[0]),
-                  seconds=step_times[-1])
-        if not math.isnan(opt.critic_grad_norm):
-            sm["critic_grad_norm"] = opt.critic_grad_norm
-        window.append((1.0, sm))
-        bar.update(1)
-        bar.set_postfix(reward=f"{sm['reward']:.3f}", kl=f"{sm['kl_k1']:.3f}")
-        if cfg.sample_steps and (step % cfg.sample_steps == 0 or step == 1):
+        sm.update(producer.stats)
+        return sm
+
+    def on_step(step: int) -> None:
+        if s.world.is_main and cfg.sample_steps and (step % cfg.sample_steps == 0 or step == 1):
             with open(samples_path, "a") as f:
                 for row in producer.samples:
                     f.write(json.dumps({"step": step, **row}) + "\n")
-        if step % cfg.logging_steps == 0 or step == cfg.max_steps:
-            lm = {f"train/{k}": v for k, v in mean_dicts(window).items()}
-            lm["train/tokens_generated"] = producer.tokens_generated
-            s.accelerator.log(lm, step=step)
-            log_history.append({"step": step, **lm})
-            window.clear()
-        return False
 
-    s.policy.train()
-    t_train = time.time()
-    fit(algo, producer, opt, steps=cfg.max_steps, epochs=_epochs(algo),
-        policy=s.unwrapped, reference=s.reference, reference_update=ReferenceUpdate.of(algo.components.reference),
-        before_step=before, after_step=after, backward=backward,
-        micro_batches=cfg.micro_batches if not algo.pair_based else 1)
-    bar.close()
-    return log_history, step_times, time.time() - t_train
+    fit_kwargs = dict(epochs=_epochs(algo), micro_batches=cfg.micro_batches if not algo.pair_based else 1,
+                      estimate=lambda batch: estimate_global(algo, batch, s.world))
+    return StepRunner(s, algo, producer, evaluator, cfg, _checkpointing(cfg), out_dir, _fingerprint(inp, cfg, s),
+                      step_metrics=step_metrics,
+                      log_extra=lambda: {"train/tokens_generated": producer.tokens_generated,
+                                         "train/prompts_seen": producer.prompts.prompts_seen},
+                      on_step=on_step, postfix=lambda m: {"reward": f"{m['reward']:.3f}", "kl": f"{m['kl_k1']:.3f}"},
+                      progress=progress, fit_kwargs=fit_kwargs)
+
+
+def _checkpointing(cfg: Any) -> Checkpointing:
+    return Checkpointing(save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit, resume=cfg.resume,
+                         on_nonfinite=cfg.on_nonfinite)
+
+
+def _fingerprint(inp: _OnlineInputs, cfg: OnlineConfig, s: Any) -> Dict[str, Any]:
+    return {"algorithm": inp.algo.to_toml(), "model": inp.model_name, "prompts": inp.prompts.name,
+            "reward": inp.reward.name, "world_size": s.world.size, **cfg.as_dict()}
 
 
 def _make_critic(inp: _OnlineInputs, cfg: OnlineConfig) -> Any:
@@ -368,64 +373,82 @@ def train_online(algorithm: Any, model: Any, prompts: Any, reward: Any, *, outpu
                  progress: bool = True, verbose: bool = True) -> Dict[str, Any]:
     """Train ``model`` online with an ``on_policy`` / ``on_policy_pairs`` composition; save model and metrics.
 
+    Under ``accelerate launch --num_processes N`` each process samples ``config.batch_size`` prompts of every
+    global batch of ``N × batch_size`` (:mod:`udrra.lm.parallel`); the main process alone writes.
+
     Args:
         algorithm: a loaded algorithm, a catalog name or a ``.toml`` path with an online ``[source]``.
         model: as :func:`udrra.lm.train.train` (``"smollm2-135m"``, a checkpoint, a model object + ``tokenizer``).
         prompts: anything :func:`udrra.lm.prompts.load_prompts` accepts (``"tinystories"``, ``"hh-rlhf"``, ...).
         reward: anything :func:`udrra.lm.rewards.load_reward` accepts (``"vader"``, an RM directory,
             ``"module:function"``, ``"file.py:function"``, a callable).
-        output_dir: written at the end via a temporary sibling (nothing is left on failure).
-        config: :class:`OnlineConfig` (default values when ``None``).
+        output_dir: written at the end via a temporary sibling (nothing is left on failure but the checkpoints
+            in ``output_dir/checkpoints``).
+        config: :class:`OnlineConfig` (default values when ``None``); ``save_steps`` / ``resume`` /
+            ``on_nonfinite`` as in :class:`udrra.lm.runner.Checkpointing`.
     Returns:
         The ``metrics.json`` content plus ``"output_dir"``.
     Raises:
         ConfigError: the algorithm is not online, or its reward kind cannot run on an LM.
-        InputError: bad options, prompts, reward or model; a reward that fails during the run (nothing written).
+        InputError: bad options, prompts, reward or model; a reward that fails during the run (nothing written);
+            a checkpoint of another run passed to ``resume``.
+        TrainingError: a non-finite loss or gradient with ``on_nonfinite = "stop"``.
+        RunInterrupted: SIGTERM / Ctrl-C (after a checkpoint of the last finished step).
     """
     t_start = time.time()
     cfg = (config or OnlineConfig()).validate()
-    out_dir = check_output_dir(output_dir, overwrite)
+    _checkpointing(cfg).validate()
+    world = World()
+    out_dir = check_output_dir(output_dir, overwrite, cfg.resume)
+    resume = find_checkpoint(cfg.resume) if cfg.resume else None
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    inp = _load_online_inputs(algorithm, model, tokenizer, prompts, reward, cfg, allow_hub)
-    result = atomic_run(out_dir, lambda tmp_dir: _run_online(inp, cfg, tmp_dir, progress=progress,
-                                                             verbose=verbose), t_start)
-    if verbose:
+    inp = _load_online_inputs(algorithm, model, tokenizer, prompts, reward, cfg, allow_hub, world)
+    result = atomic_run(out_dir, lambda tmp_dir: _run_online(inp, cfg, tmp_dir, out_dir, resume, world,
+                                                             progress=progress, verbose=verbose), t_start, world)
+    if verbose and world.is_main:
         _print_online_summary(result, out_dir)
     return result
 
 
-def _run_online(inp: _OnlineInputs, cfg: OnlineConfig, tmp_dir: Path, *, progress: bool,
-                verbose: bool) -> Dict[str, Any]:
+def _run_online(inp: _OnlineInputs, cfg: OnlineConfig, tmp_dir: Path, out_dir: Path, resume: Optional[Path],
+                world: World, *, progress: bool, verbose: bool) -> Dict[str, Any]:
     """Set up the session, then :func:`_train_and_save` (the session is closed if that fails)."""
     critic = _make_critic(inp, cfg)
-    s = setup(inp.policy, inp.algo, cfg, tmp_dir, critic=critic, critic_lr=cfg.critic_lr)
+    s = setup(inp.policy, inp.algo, cfg, tmp_dir, critic=critic, critic_lr=cfg.critic_lr, world=world)
     try:
-        return _train_and_save(inp, cfg, s, critic, tmp_dir, progress=progress, verbose=verbose)
+        return _train_and_save(inp, cfg, s, critic, tmp_dir, out_dir, resume, progress=progress, verbose=verbose)
     except BaseException:
         s.close()
         raise
 
 
-def _train_and_save(inp: _OnlineInputs, cfg: OnlineConfig, s: Any, critic: Any, tmp_dir: Path, *, progress: bool,
-                    verbose: bool) -> Dict[str, Any]:
-    """Evaluate, train, evaluate, save into ``tmp_dir``; returns the metrics."""
+def _train_and_save(inp: _OnlineInputs, cfg: OnlineConfig, s: Any, critic: Any, tmp_dir: Path, out_dir: Path,
+                    resume: Optional[Path], *, progress: bool, verbose: bool) -> Dict[str, Any]:
+    """Evaluate, train (or resume), evaluate, save into ``tmp_dir``; returns the metrics."""
     algo = inp.algo
     if s.log_with:
         s.accelerator.init_trackers("tensorboard", config={"algorithm": str(algo.name), "beta": float(algo.beta),
                                                            "model": inp.model_name, "prompts": inp.prompts.name,
                                                            "reward": inp.reward.name})
     show = progress and s.accelerator.is_local_main_process
-    if verbose:
+    if verbose and s.world.is_main:
         _print_online_header(inp, s, cfg, critic)
     evaluator = _GenerationEvaluator(inp, s, cfg, show)
-    before = evaluator(0) if cfg.eval_before else {}
-    producer = _producer(inp, s, cfg, critic)
+    producer = _producer(inp, s, cfg)
     samples_path = tmp_dir / "samples.jsonl"
-    log_history, step_times, train_time = _train_online_steps(inp, s, producer, evaluator, cfg, samples_path, show)
+    runner = _runner(inp, s, producer, evaluator, cfg, out_dir, samples_path, show)
+    if resume is not None:
+        check_fingerprint(read_checkpoint(resume)["fingerprint"], runner.fingerprint, resume)
+        runner.resume(resume)
+        if s.world.is_main and (resume / "samples.jsonl").is_file():
+            shutil.copyfile(resume / "samples.jsonl", samples_path)
+    else:
+        runner.state.eval_before = evaluator(0) if cfg.eval_before else {}
+    runner.extra_files.append(samples_path)
+    runner.run()
     after = evaluator(cfg.max_steps)
     save_model(s, inp.tok, algo, tmp_dir, cfg.gradient_checkpointing)
-    timed = step_times[1:] if len(step_times) > 1 else step_times
     src = algo.components.source
     result = {
         "config": cfg.as_dict(),
@@ -433,15 +456,14 @@ def _train_and_save(inp: _OnlineInputs, cfg: OnlineConfig, s: Any, critic: Any, 
                       "n": 2 if src.kind == "on_policy_pairs" else int(src.get("n") or 1),
                       "reference_update": ReferenceUpdate.of(algo.components.reference).rule,
                       "target": algo.derived_target().kind},
-        "model": {"name": inp.model_name, "class": type(s.unwrapped).__name__, "parameters": int(s.n_params),
+        "model": {"name": inp.model_name, "class": type(s.model).__name__, "parameters": int(s.n_params),
                   "critic": None if critic is None else {"init": critic.init,
                                                          "parameters": sum(p.numel() for p in critic.parameters())}},
         "prompts": {"summary": inp.prompts.describe(), **inp.prompts.info, "truncation": inp.truncation},
         "reward": {"name": inp.reward.name, "kind": inp.reward.kind},
-        "eval_before": before, "eval_after": after, "eval_history": evaluator.history,
-        "log_history": log_history,
-        "train_time_s": train_time, "seconds_per_step": sum(timed) / len(timed),
-        "seconds_per_step_note": "mean over steps after the first" if len(step_times) > 1 else "one step",
+        "parallel": _parallel_info(s.world, cfg.batch_size, "prompts"),
+        "eval_before": runner.state.eval_before, "eval_after": after,
+        **runner.summary(),
         "prompts_seen": producer.prompts.prompts_seen, "tokens_generated": producer.tokens_generated,
         "torch_threads": torch.get_num_threads(),
         "peak_rss_mb": peak_rss_mb(), "versions": versions(), "device": str(s.accelerator.device),
@@ -452,6 +474,12 @@ def _train_and_save(inp: _OnlineInputs, cfg: OnlineConfig, s: Any, critic: Any, 
     if s.log_with:
         s.accelerator.end_training()
     return result
+
+
+def _parallel_info(world: World, batch_size: int, unit: str, accumulation: int = 1) -> Dict[str, Any]:
+    """``metrics.json``'s record of the data-parallel layout (transformers' convention)."""
+    return {"world_size": world.size, "batch_size_per_process": batch_size, "gradient_accumulation_steps": accumulation,
+            "global_batch_size": batch_size * world.size * accumulation, "unit": unit}
 
 
 def _print_online_header(inp: _OnlineInputs, s: Any, cfg: OnlineConfig, critic: Any) -> None:

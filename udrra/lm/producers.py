@@ -29,7 +29,7 @@ from ..batch import Normalisers, PairBatch, SampleBatch
 from ..errors import ConfigError, InputError
 from .data import TokenizedPair, collate_pairs
 from .logprobs import DEFAULT_CHUNK_TOKENS, response_logps, sequence_logps
-from .rollout import Rollout, Sampling, generate, shape_rewards
+from .rollout import Rollout, Sampling, generate, seed_of, shape_rewards
 
 __all__ = ["OfflinePairs", "OnPolicy", "OnPolicyPairs", "PromptStream", "RolloutContext", "PAIR_LABELS",
            "PRODUCERS", "pair_batch", "batch_logps", "to_device"]
@@ -58,7 +58,8 @@ def pair_batch(chosen: Tensor, rejected: Tensor, ref_c: Tensor, ref_r: Tensor, l
 class SeededOrder:
     """The data order of every LM producer: a ``random.Random(seed)`` shuffle of ``range(size)`` per epoch; each
     ``next()`` takes the next ``batch_size`` indices, and a new epoch (fresh shuffle) starts when fewer than
-    ``batch_size`` are left."""
+    ``batch_size`` are left. Under data parallelism ``batch_size`` is the global batch and each process keeps its
+    shard (:meth:`udrra.lm.parallel.World.shard`). ``draws`` counts the batches taken."""
 
     def __init__(self, size: int, batch_size: int, seed: int):
         self.size, self.batch_size = size, batch_size
@@ -66,6 +67,7 @@ class SeededOrder:
         self._order: List[int] = []
         self._pos = 0
         self.epoch = -1
+        self.draws = 0
 
     def next(self) -> List[int]:
         if self._pos + self.batch_size > len(self._order):
@@ -75,7 +77,26 @@ class SeededOrder:
             self._pos = 0
         idx = self._order[self._pos:self._pos + self.batch_size]
         self._pos += self.batch_size
+        self.draws += 1
         return idx
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The position in the order (for checkpoints): the RNG state, the epoch's order, the position."""
+        return {"rng": self._rng.getstate(), "order": list(self._order), "pos": self._pos, "epoch": self.epoch,
+                "draws": self.draws}
+
+    def load_state_dict(self, d: Dict[str, Any]) -> None:
+        self._rng.setstate(d["rng"])
+        self._order, self._pos, self.epoch, self.draws = list(d["order"]), int(d["pos"]), int(d["epoch"]), int(d["draws"])
+
+
+def _one_process() -> Any:
+    from .parallel import World
+
+    class _State:
+        process_index, num_processes, is_main_process, device = 0, 1, True, torch.device("cpu")
+
+    return World(_State())
 
 
 class OfflinePairs:
@@ -91,20 +112,29 @@ class OfflinePairs:
     ``attached`` (as ``(B, logps)``, chosen rows first) for the caller's metrics; ``pairs_seen`` and
     ``tokens_seen`` count what was collected.
 
+    Under data parallelism (``world`` of N processes) each batch is this process's shard of a global batch of
+    ``N × batch_size`` pairs (:mod:`udrra.lm.parallel`); ``pairs_seen`` and ``tokens_seen`` count the global
+    batches.
+
     Args:
-        rows: the training pairs (``len(rows) >= batch_size``). batch_size: pairs per batch.
+        rows: the training pairs (``len(rows) >= N × batch_size``). batch_size: pairs per batch and process.
         pad_token_id: padding of the collated batches. device: where the batches go.
-        policy, reference: causal LMs (``reference`` None: no reference).
+        policy, reference: causal LMs (``reference`` None: no reference); ``policy`` as prepared
+            (:class:`udrra.lm.logprobs.LogProbModel`).
         seed: seed of the data order. chunk_tokens: passed to :func:`sequence_logps`.
+        world: the run's :class:`udrra.lm.parallel.World` (default: one process).
     """
 
     def __init__(self, rows: List[TokenizedPair], *, batch_size: int, pad_token_id: int, device: Any, policy: Any,
-                 reference: Optional[Any], seed: int, chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
-        if len(rows) < batch_size:
-            raise InputError(f"the training split has {len(rows)} pairs, fewer than batch_size={batch_size}")
+                 reference: Optional[Any], seed: int, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, world: Any = None):
+        self.world = world or _one_process()
+        global_batch = batch_size * self.world.size
+        if len(rows) < global_batch:
+            raise InputError(f"the training split has {len(rows)} pairs, fewer than the global batch of "
+                             f"{global_batch} (batch_size={batch_size} x {self.world.size} processes)")
         self.rows, self.batch_size, self.pad_token_id, self.device = rows, batch_size, pad_token_id, device
         self.policy, self.reference, self.chunk_tokens = policy, reference, chunk_tokens
-        self._order = SeededOrder(len(rows), batch_size, seed)
+        self._order = SeededOrder(len(rows), global_batch, seed)
         self.pairs_seen = 0
         self.tokens_seen = 0
         self.attached: List[Tuple[int, Tensor]] = []
@@ -115,8 +145,15 @@ class OfflinePairs:
         return self._order.epoch
 
     def next_rows(self) -> List[TokenizedPair]:
-        """The next ``batch_size`` rows of the data order."""
-        return [self.rows[i] for i in self._order.next()]
+        """This process's ``batch_size`` rows of the next global batch of the data order."""
+        return [self.rows[i] for i in self.world.shard(self._order.next())]
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"order": self._order.state_dict(), "pairs_seen": self.pairs_seen, "tokens_seen": self.tokens_seen}
+
+    def load_state_dict(self, d: Dict[str, Any]) -> None:
+        self._order.load_state_dict(d["order"])
+        self.pairs_seen, self.tokens_seen = int(d["pairs_seen"]), int(d["tokens_seen"])
 
     @torch.no_grad()
     def collect(self) -> PairBatch:
@@ -130,8 +167,8 @@ class OfflinePairs:
         n = (b["loss_mask"][:, 1:].bool() & b["attention_mask"][:, 1:].bool()).sum(-1).float()  # as sequence_logps
         batch = pair_batch(rp[:B], rp[B:], rp[:B], rp[B:], n[:B], n[B:])
         self._last = (batch, b)
-        self.pairs_seen += B
-        self.tokens_seen += int(b["attention_mask"].sum())
+        self.pairs_seen += B * self.world.size
+        self.tokens_seen += int(self.world.all_reduce([float(b["attention_mask"].sum())], "sum")[0])
         return batch
 
     def attach(self, batch: PairBatch) -> PairBatch:
@@ -154,33 +191,55 @@ PAIR_LABELS = ("expected", "sampled", "better")
 
 
 class PromptStream:
-    """The step's prompts: ``batch_size`` of the tokenised prompts per call, in :class:`SeededOrder`.
+    """The step's prompts: this process's ``batch_size`` of each global batch of tokenised prompts, in
+    :class:`SeededOrder` (one process: the whole batch).
+
+    Each prompt drawn comes with its sampling key ``seed_of(seed, draw, position)`` — ``draw`` the number of the
+    global batch, ``position`` the prompt's place in it — from which its responses' per-row seeds derive
+    (:func:`udrra.lm.rollout.generate`): N processes with ``batch_size`` b sample exactly the responses one
+    process with ``batch_size`` N·b samples.
 
     Args:
         texts: prompt texts. ids: their token ids (already cut to the prompt budget), same length.
-        batch_size: prompts per step. seed: seed of the order.
+        batch_size: prompts per step and process. seed: seed of the order and of the sampling keys.
+        world: the run's :class:`udrra.lm.parallel.World` (default: one process).
     Raises:
-        InputError: fewer prompts than ``batch_size``, or ``texts`` and ``ids`` of different lengths.
+        InputError: fewer prompts than the global batch, or ``texts`` and ``ids`` of different lengths.
     """
 
-    def __init__(self, texts: Sequence[str], ids: Sequence[Sequence[int]], batch_size: int, seed: int):
+    def __init__(self, texts: Sequence[str], ids: Sequence[Sequence[int]], batch_size: int, seed: int,
+                 world: Any = None):
+        self.world = world or _one_process()
+        global_batch = batch_size * self.world.size
         if len(texts) != len(ids):
             raise InputError(f"{len(texts)} prompt texts but {len(ids)} tokenised prompts")
-        if len(texts) < batch_size:
-            raise InputError(f"the training prompts number {len(texts)}, fewer than batch_size={batch_size} "
-                             f"prompts per step")
-        self.texts, self.ids = list(texts), [list(i) for i in ids]
-        self._order = SeededOrder(len(texts), batch_size, seed)
+        if len(texts) < global_batch:
+            raise InputError(f"the training prompts number {len(texts)}, fewer than the global batch of "
+                             f"{global_batch} prompts per step (batch_size={batch_size} x {self.world.size} processes)")
+        self.texts, self.ids, self.seed = list(texts), [list(i) for i in ids], int(seed)
+        self._order = SeededOrder(len(texts), global_batch, seed)
         self.prompts_seen = 0
 
     @property
     def epoch(self) -> int:
         return self._order.epoch
 
-    def next(self) -> Tuple[List[str], List[List[int]]]:
+    def next(self) -> Tuple[List[str], List[List[int]], List[int]]:
+        """``(texts, ids, keys)`` of this process's prompts of the next global batch."""
+        draw = self._order.draws
         idx = self._order.next()
         self.prompts_seen += len(idx)
-        return [self.texts[i] for i in idx], [self.ids[i] for i in idx]
+        start = self.world.rank * (len(idx) // self.world.size)
+        mine = self.world.shard(idx)
+        keys = [seed_of(self.seed, draw, start + i) for i in range(len(mine))]
+        return [self.texts[i] for i in mine], [self.ids[i] for i in mine], keys
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"order": self._order.state_dict(), "prompts_seen": self.prompts_seen}
+
+    def load_state_dict(self, d: Dict[str, Any]) -> None:
+        self._order.load_state_dict(d["order"])
+        self.prompts_seen = int(d["prompts_seen"])
 
 
 @dataclass
@@ -200,6 +259,8 @@ class RolloutContext:
         fuse_old_logps: one policy pass per step: ``collect`` computes the policy's log-probs WITH gradient and
             ``attach`` returns them (π_old = π_θ detached, exact for one epoch over the whole batch; TRL skips
             the old-logp pass the same way). Only valid with one epoch and no micro-batches.
+        world: the run's :class:`udrra.lm.parallel.World` (None: one process); the step statistics and samples
+            are gathered over its processes.
     """
 
     policy: Any
@@ -214,6 +275,7 @@ class RolloutContext:
     pair_labels: str = "expected"
     chunk_tokens: Optional[int] = DEFAULT_CHUNK_TOKENS
     fuse_old_logps: bool = False
+    world: Any = None
 
     @property
     def pad_token_id(self) -> int:
@@ -236,10 +298,21 @@ class _Online:
         self._fused: Optional[Tensor] = None
 
     def _rollout(self, n: int, greedy: bool = False, prompts=None) -> Rollout:
-        texts, ids = prompts if prompts is not None else self.prompts.next()
+        texts, ids, keys = prompts if prompts is not None else self.prompts.next()
         c = self.ctx
         return generate(c.sampler, ids, texts, c.sampling, n=n, greedy=greedy, pad_token_id=c.pad_token_id,
-                        eos_token_id=c.eos_token_id, tokenizer=c.tokenizer)
+                        eos_token_id=c.eos_token_id, tokenizer=c.tokenizer, seeds=keys)
+
+    @property
+    def world(self) -> Any:
+        return self.ctx.world or _one_process()
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"prompts": self.prompts.state_dict(), "tokens_generated": self.tokens_generated}
+
+    def load_state_dict(self, d: Dict[str, Any]) -> None:
+        self.prompts.load_state_dict(d["prompts"])
+        self.tokens_generated = int(d["tokens_generated"])
 
     def _score(self, ro: Rollout) -> Tuple[Tensor, Tensor]:
         """``(raw, shaped)`` rewards ``(B,)`` on the rollout's device."""
@@ -267,16 +340,21 @@ class _Online:
 
     def _record(self, ro: Rollout, raw: Tensor, shaped: Tensor, old: Tensor, ref: Tensor, ent: Tensor,
                 times: Dict[str, float]) -> None:
-        m = ro.response_mask
+        """The step's statistics over the rows of every process (gathered), and its samples (main process)."""
+        m, w = ro.response_mask, self.world
         d = ((old - ref) * m).sum(-1).double()
-        self.tokens_generated += int(m.sum())
+        cols = [raw.double(), shaped.double(), d, (ent * m).sum(-1).double(), m.sum(-1).double(),
+                ro.truncated.double()]
+        raw, shaped, d, ent_sum, n, trunc = w.gather_rows(torch.stack(cols, -1)).unbind(-1)
+        self.tokens_generated += int(n.sum())
         self.stats = {"reward": float(raw.mean()), "reward_shaped": float(shaped.mean()),
                       "reward_std": float(raw.std()) if raw.numel() > 1 else 0.0,
                       "kl_k1": float(d.mean()), "kl_k3": float((torch.exp(-d) - 1 + d).mean()),
-                      "entropy": float((ent * m).sum() / m.sum()), "response_length": float(m.sum(-1).mean()),
-                      "truncated_rate": float(ro.truncated.float().mean()), **times}
-        self.samples = [{"prompt": p, "response": r, "reward": float(x), "truncated": bool(t)}
-                        for p, r, x, t in zip(ro.row_prompts(), ro.responses, raw.tolist(), ro.truncated.tolist())]
+                      "entropy": float(ent_sum.sum() / n.sum()), "response_length": float(n.mean()),
+                      "truncated_rate": float(trunc.mean()), **times}
+        rows = [{"prompt": p, "response": r, "reward": float(x), "truncated": bool(t)}
+                for p, r, x, t in zip(ro.row_prompts(), ro.responses, cols[0].tolist(), ro.truncated.tolist())]
+        self.samples = w.gather_objects(rows)
 
 
 class OnPolicy(_Online):
@@ -322,7 +400,7 @@ class OnPolicy(_Online):
         self.rollout = ro
         self._record(ro, raw, rewards, old, ref, ent, t)
         if greedy_rewards is not None:
-            self.stats["greedy_reward"] = float(greedy_rewards.mean())
+            self.stats["greedy_reward"] = float(self.world.gather_rows(greedy_rewards).mean())
         B = old.shape[0]
         w = torch.full((B,), 1.0 / B, dtype=torch.float32, device=old.device)
         norm = Normalisers.of(ro.response_mask, w, max_len=c.sampling.max_new_tokens)
@@ -360,10 +438,11 @@ class OnPolicyPairs(_Online):
             raise InputError(f"pair_labels must be one of {', '.join(PAIR_LABELS)}, got {ctx.pair_labels!r}")
         super().__init__(algorithm, prompts, ctx, 2)
 
-    def _labels(self, r1: Tensor, r2: Tensor) -> Tensor:
+    def _labels(self, r1: Tensor, r2: Tensor, keys: Sequence[int]) -> Tensor:
         p = torch.sigmoid(r1 - r2)
-        if self.ctx.pair_labels == "sampled":
-            return torch.bernoulli(p)
+        if self.ctx.pair_labels == "sampled":       # one draw per pair from its own key (any process layout)
+            u = [torch.rand((), generator=torch.Generator().manual_seed(seed_of(k, 2))) for k in keys]
+            return (torch.stack(u).to(p.device) < p).float()
         if self.ctx.pair_labels == "better":
             return (r1 > r2).float() + 0.5 * (r1 == r2).float()
         return p
@@ -372,7 +451,8 @@ class OnPolicyPairs(_Online):
     def collect(self) -> PairBatch:
         c, t = self.ctx, {}
         t0 = time.time()
-        ro = self._rollout(2)
+        texts_ids_keys = self.prompts.next()
+        ro = self._rollout(2, prompts=texts_ids_keys)
         t["generation_s"] = time.time() - t0
         t0 = time.time()
         raw, rewards = self._score(ro)
@@ -386,8 +466,8 @@ class OnPolicyPairs(_Online):
         seq_old, seq_ref, n = old.sum(-1), ref.sum(-1), ro.lengths
         G = seq_old.shape[0] // 2
         w = torch.full((G,), 1.0 / G, dtype=torch.float32, device=old.device)
-        labels = self._labels(rewards[0::2], rewards[1::2])
-        self.stats["label_mean_confidence"] = float((labels - 0.5).abs().mean() + 0.5)
+        labels = self._labels(rewards[0::2], rewards[1::2], texts_ids_keys[2])
+        self.stats["label_mean_confidence"] = float(self.world.gather_rows((labels - 0.5).abs()).mean() + 0.5)
         return PairBatch(chosen_logps=seq_old[0::2], rejected_logps=seq_old[1::2], ref_chosen_logps=seq_ref[0::2],
                          ref_rejected_logps=seq_ref[1::2], weights=w, labels=labels, chosen_lengths=n[0::2],
                          rejected_lengths=n[1::2], chosen_rewards=rewards[0::2], rejected_rewards=rewards[1::2],

@@ -9,24 +9,41 @@ groups). ``response_mask`` is 1 on response tokens up to and including the first
 pad token is its EOS token, so the mask, never the token id, says where a response ends). A response that used
 all ``max_new_tokens`` without an EOS is ``truncated``.
 
-Sampling follows :class:`Sampling` exactly: a fresh ``GenerationConfig`` (the checkpoint's own sampling defaults
-never apply), temperature / top-p / top-k as given. The training log-probs divide the logits by the same
+Sampling follows :class:`Sampling` exactly: a fresh ``GenerationConfig`` with ``do_sample=False`` (so none of the
+checkpoint's own sampling defaults apply: transformers adds no warpers of its own), temperature / top-p / top-k as
+given, applied by transformers' own warpers. The training log-probs divide the logits by the same
 temperature (:func:`udrra.lm.logprobs.response_logps`), so at step 0 they equal the log-probs of generation to
 fp32 round-off whenever top-k and top-p are off; with top-k / top-p on, training scores the tempered full
 distribution (as verl and TRL do), not the truncated one that sampled.
+
+Every sampled row draws its noise from its own seed, so a response is a function of (its prompt, its seed, the
+model) only -- not of the other prompts in the batch, the batch size, the left padding, or which data-parallel
+process draws it (a per-request seed, as ``vllm.SamplingParams.seed``). Row ``j`` of prompt ``i`` owns a
+``torch.Generator`` on the model's device seeded with :func:`seed_of` ``(seeds[i], j)``; at every generation step,
+from the first response token on, it draws one vector of ``V`` float64 uniforms ``u`` (``V`` = the logits' last dim)
+and the token is ``argmax(s + g)`` with Gumbel noise ``g = -log(-log u)`` and ``s`` the logits after transformers'
+own warpers in transformers' own order (``TemperatureLogitsWarper``, ``TopKLogitsWarper``, ``TopPLogitsWarper``).
+By the Gumbel-max trick (Gumbel 1954; Maddison, Tarlow & Minka 2014, "A* Sampling") that token is an exact draw from
+``softmax(s)``, the distribution ``do_sample=True`` samples from. It runs as a ``LogitsProcessor`` under
+transformers' greedy decoding (``do_sample=False``), whose argmax then picks the sample. Without ``seeds`` the
+``G`` seeds are drawn from the global torch RNG, so seeding it (``torch.manual_seed`` in ``fork_rng``) still
+reproduces a run.
 """
 
 from __future__ import annotations
 
+import functools
+import numbers
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..errors import InputError
 
-__all__ = ["Sampling", "Rollout", "generate", "shape_rewards"]
+__all__ = ["Sampling", "Rollout", "generate", "seed_of", "shape_rewards"]
 
 
 @dataclass(frozen=True)
@@ -127,9 +144,112 @@ def _response_mask(resp: Tensor, eos_token_id: int):
     return mask.float(), ~has_eos
 
 
+_KEY_LIMIT = 1 << 64
+
+
+def seed_of(*keys: int) -> int:
+    """A well-mixed 63-bit seed from integer keys, the same in every process, Python run and platform.
+
+    The keys are hashed by NumPy's ``SeedSequence`` (O'Neill's seed mixing, the scheme ``numpy.random`` spawns
+    independent streams with). Each key is written as two 32-bit words (low first) behind a word holding the number
+    of keys, so distinct key tuples never share an input (``SeedSequence`` of a bare list does not guarantee this:
+    ``[2**32]`` and ``[0, 1]`` give the same words, and an input shorter than its 4-word pool is zero-padded, so
+    ``[5, 7]`` and ``[5, 7, 0]`` mix alike). Python's ``hash`` is
+    never used (it is salted per process for strings and not a mixing function for ints).
+
+    Args:
+        keys: at least one integer (``bool`` excluded) in ``[0, 2**64)``, e.g. ``(prompt seed, row)``.
+    Returns:
+        a Python ``int`` in ``[0, 2**63)``, usable by ``torch.Generator.manual_seed``.
+    Raises:
+        InputError: no keys, a key that is not an integer, or a negative key or one ``>= 2**64`` (negative keys are
+            rejected rather than mapped, so two different keys can never collide).
+    """
+    if not keys:
+        raise InputError("seed_of needs at least one integer key")
+    words = [len(keys) & 0xFFFFFFFF, len(keys) >> 32]
+    for i, k in enumerate(keys):
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+            raise InputError(f"seed_of keys must be integers in [0, 2**64), key {i} is {k!r} ({type(k).__name__})")
+        k = int(k)
+        if not 0 <= k < _KEY_LIMIT:
+            raise InputError(f"seed_of keys must be integers in [0, 2**64), key {i} is {k}")
+        words += [k & 0xFFFFFFFF, k >> 32]
+    state = np.random.SeedSequence(np.asarray(words, dtype=np.uint32)).generate_state(2, dtype=np.uint64)
+    return int((int(state[0]) ^ (int(state[1]) << 1)) & ((1 << 63) - 1))
+
+
+def _check_seeds(seeds: Any, G: int) -> List[int]:
+    """``seeds`` as ``G`` Python ints in ``[0, 2**64)``, or :class:`InputError` saying what is valid."""
+    if isinstance(seeds, Tensor):
+        if seeds.dim() != 1 or seeds.dtype.is_floating_point or seeds.dtype.is_complex or seeds.dtype == torch.bool:
+            raise InputError(f"seeds must be a 1-D sequence of {G} integers (one per prompt), got a tensor of shape "
+                             f"{tuple(seeds.shape)} and dtype {seeds.dtype}")
+        seeds = seeds.tolist()
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, (Sequence, np.ndarray)):
+        raise InputError(f"seeds must be a sequence of {G} integers (one per prompt), got {type(seeds).__name__}")
+    if len(seeds) != G:
+        raise InputError(f"seeds must hold one integer per prompt: expected {G} (the number of prompts), "
+                         f"got {len(seeds)}")
+    out = []
+    for i, s in enumerate(seeds):
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral) or not 0 <= int(s) < _KEY_LIMIT:
+            raise InputError(f"seeds must be integers in [0, 2**64), seeds[{i}] is {s!r} ({type(s).__name__})")
+        out.append(int(s))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _gumbel_noise_class():
+    """The Gumbel-noise ``transformers.LogitsProcessor`` subclass (built on first use: transformers loads lazily)."""
+    from transformers import LogitsProcessor
+
+    class GumbelNoise(LogitsProcessor):
+        """Adds per-row Gumbel noise to the processed scores, so greedy decoding's argmax draws an exact sample.
+
+        Row ``b`` draws one vector of ``V`` float64 uniforms from ``generators[b]`` per call, i.e. per generation
+        step (transformers calls the processors once per step, from the first new token on). ``u`` is clamped into
+        ``[tiny, 1 - 2**-53]`` (``torch.rand`` already excludes 1; 0 would give ``+inf`` noise) and
+        ``g = -log(-log u)`` is standard Gumbel. ``scores``: ``(B, V)`` float. Returns ``(B, V)`` float64
+        ``scores + g`` (``-inf`` from top-k / top-p stays ``-inf``).
+        """
+
+        def __init__(self, generators: Sequence[torch.Generator]):
+            self.generators = list(generators)
+
+        def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+            B, V = scores.shape
+            if B != len(self.generators):
+                raise RuntimeError(f"the Gumbel sampler was built for {len(self.generators)} rows but got scores "
+                                   f"of {B} rows")
+            u = torch.stack([torch.rand(V, generator=g, dtype=torch.float64, device=scores.device)
+                             for g in self.generators])
+            u = u.clamp_(min=torch.finfo(torch.float64).tiny, max=1.0 - 2.0 ** -53)
+            return scores.double() - torch.log(-torch.log(u))
+
+    return GumbelNoise
+
+
+def _sampling_processors(sampling: Sampling, generators: Sequence[torch.Generator]):
+    """transformers' temperature / top-k / top-p warpers, in the order and with the ``min_tokens_to_keep=1`` that
+    ``generate(do_sample=True, num_beams=1)`` builds them, then the Gumbel noise (one generator per row)."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    procs = []
+    if float(sampling.temperature) != 1.0:
+        procs.append(TemperatureLogitsWarper(float(sampling.temperature)))
+    if int(sampling.top_k) > 0:
+        procs.append(TopKLogitsWarper(top_k=int(sampling.top_k), min_tokens_to_keep=1))
+    if float(sampling.top_p) < 1.0:
+        procs.append(TopPLogitsWarper(top_p=float(sampling.top_p), min_tokens_to_keep=1))
+    procs.append(_gumbel_noise_class()(generators))
+    return LogitsProcessorList(procs)
+
+
 @torch.no_grad()
 def generate(policy: Any, prompt_ids: Sequence[Sequence[int]], prompts: Sequence[str], sampling: Sampling, *,
-             n: int = 1, greedy: bool = False, pad_token_id: int, eos_token_id: int, tokenizer: Any = None) -> Rollout:
+             n: int = 1, greedy: bool = False, pad_token_id: int, eos_token_id: int, tokenizer: Any = None,
+             seeds: Optional[Sequence[int]] = None) -> Rollout:
     """Sample ``n`` responses to each prompt with ``policy.generate`` (batched, left-padded, KV cache).
 
     Args:
@@ -139,10 +259,18 @@ def generate(policy: Any, prompt_ids: Sequence[Sequence[int]], prompts: Sequence
         greedy: decode greedily instead (ReMax's baseline response; ``n`` must be 1).
         pad_token_id, eos_token_id: the tokenizer's ids (they may be equal). tokenizer: decodes the responses
             (``responses`` are empty strings without one).
+        seeds: ``G`` integers in ``[0, 2**64)`` (a list, NumPy array or 1-D integer tensor), one per prompt: row
+            ``j`` of prompt ``i`` samples with a generator seeded :func:`seed_of` ``(seeds[i], j)`` (module
+            docstring), so its response depends on its prompt, seed and the model only. ``None``: ``G`` seeds are
+            drawn with ``torch.randint(0, 2**62, (G,))`` from the global torch RNG. A greedy decode checks them and
+            otherwise ignores them.
     Returns:
-        :class:`Rollout` with ``B = G·n`` rows, the global torch RNG advanced.
+        :class:`Rollout` with ``B = G·n`` rows. The global torch RNG is advanced by exactly that one ``randint``
+        draw when sampling without ``seeds``, and left untouched otherwise (given ``seeds``, or greedy): sampling
+        itself uses only the per-row generators.
     Raises:
-        InputError: no prompts, an empty prompt, ``n`` < 1, greedy with ``n`` > 1, invalid ``sampling``.
+        InputError: no prompts, an empty prompt, ``n`` < 1, greedy with ``n`` > 1, invalid ``sampling``, ``seeds``
+            not ``G`` integers in ``[0, 2**64)``.
     """
     from transformers import GenerationConfig
 
@@ -151,17 +279,29 @@ def generate(policy: Any, prompt_ids: Sequence[Sequence[int]], prompts: Sequence
         raise InputError("generate needs at least one prompt")
     if n < 1 or (greedy and n != 1):
         raise InputError(f"n must be >= 1 (and 1 for a greedy decode), got n={n}, greedy={greedy}")
+    G = len(prompt_ids)
+    if seeds is not None:
+        seeds = _check_seeds(seeds, G)
     device = next(policy.parameters()).device
     ids, att = _left_pad(prompt_ids, pad_token_id)
     ids, att = ids.repeat_interleave(n, 0), att.repeat_interleave(n, 0)
-    kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=float(sampling.temperature),
-                                                   top_p=float(sampling.top_p), top_k=int(sampling.top_k))
+    kw = {}
+    if not greedy:
+        if seeds is None:
+            seeds = torch.randint(0, 2 ** 62, (G,), generator=None).tolist()
+        gens = [torch.Generator(device=device).manual_seed(seed_of(s, j)) for s in seeds for j in range(n)]
+        kw["logits_processor"] = _sampling_processors(sampling, gens)
+    # do_sample=False in both cases: transformers then adds no warpers of its own and takes the argmax of the
+    # processed scores, which with the Gumbel noise above is the sample. The sampling-only flags are pinned to
+    # transformers' neutral defaults so that values a checkpoint's generation_config carries are not merged in
+    # (generate fills only None fields from it, and warns that they are unused under do_sample=False).
     gc = GenerationConfig(max_new_tokens=int(sampling.max_new_tokens), pad_token_id=int(pad_token_id),
-                          eos_token_id=int(eos_token_id), **kw)
+                          eos_token_id=int(eos_token_id), do_sample=False, temperature=1.0, top_p=1.0, top_k=50,
+                          typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
     was_training = policy.training
     policy.eval()
     try:
-        out = policy.generate(input_ids=ids.to(device), attention_mask=att.to(device), generation_config=gc)
+        out = policy.generate(input_ids=ids.to(device), attention_mask=att.to(device), generation_config=gc, **kw)
     finally:
         policy.train(was_training)
     resp = out[:, ids.shape[1]:].cpu()

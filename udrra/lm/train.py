@@ -36,15 +36,17 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..errors import ConfigError, InputError
-from ..loop import ReferenceUpdate, fit
+from ..loop import ReferenceUpdate
 from .data import (DEFAULT_SPLIT_SEED, BUILTIN_DATASETS, TokenizedPair, collate_pairs, data_dir,
                    load_preference_data, tokenize_pairs, _ALIASES)
 from .logprobs import DEFAULT_CHUNK_TOKENS, backbone_and_head
+from .parallel import World
 from .producers import OfflinePairs, batch_logps, pair_batch, to_device
 # the run around the loop lives in udrra.lm.run; the old private names stay importable from here
 from .run import atomic_run
+from .runner import ON_NONFINITE, Checkpointing, StepRunner, check_fingerprint, find_checkpoint, read_checkpoint
 from .run import DTYPES as _DTYPES  # noqa: F401
-from .run import ClippedStep as _ClippedStep
+from .run import ClippedStep as _ClippedStep  # noqa: F401
 from .run import Session as _Session
 from .run import (check_output_dir as _check_output_dir, mean_dicts as _mean_dicts, peak_rss_mb as _peak_rss_mb,
                   resolve_algorithm as _resolve_algorithm, resolve_model as _resolve_model,
@@ -91,7 +93,9 @@ class PairConfig:
 
     ``None`` fields are resolved by :meth:`resolved`: ``max_prompt_length`` = 3/4 of ``max_length``;
     ``eval_pairs`` = 2 × the pairs trained on (``batch_size × gradient_accumulation_steps × max_steps``), at most
-    100; ``kl_prompts`` = min(16, ``eval_pairs``).
+    100; ``kl_prompts`` = min(16, ``eval_pairs``). ``batch_size`` is per process: a step sees
+    ``batch_size × processes × gradient_accumulation_steps`` pairs. ``save_steps``, ``save_total_limit``,
+    ``resume``, ``on_nonfinite``: checkpoints and faults (:class:`udrra.lm.runner.Checkpointing`).
     """
 
     max_steps: int = 100
@@ -114,6 +118,10 @@ class PairConfig:
     dtype: str = "float32"
     split_seed: int = DEFAULT_SPLIT_SEED
     chunk_tokens: Optional[int] = DEFAULT_CHUNK_TOKENS
+    save_steps: int = 0
+    save_total_limit: Optional[int] = None
+    resume: Optional[str] = None
+    on_nonfinite: str = "stop"
 
     def resolved(self) -> "PairConfig":
         """A copy with the ``None`` defaults filled in, validated. Raises :class:`InputError` naming the first bad
@@ -252,32 +260,31 @@ def evaluate(algo: Any, policy: Any, reference: Any, rows: Sequence[TokenizedPai
 
 @torch.no_grad()
 def sample_responses(policy: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, seed: int,
-                     pad_token_id: int, eos_token_id: int) -> List[List[int]]:
+                     pad_token_id: int, eos_token_id: int, offset: int = 0) -> List[List[int]]:
     """Sample one response per prompt from ``policy`` exactly as it is with :func:`udrra.lm.rollout.generate`:
     temperature 1, no top-k / top-p / repetition penalty (a fresh ``GenerationConfig``, so the checkpoint's
     sampling defaults do not apply), at most ``max_new_tokens`` tokens, cut after the first eos (kept), prompts
-    left-padded. The global torch RNG is seeded with ``seed`` inside ``fork_rng`` and restored afterwards.
+    left-padded. Prompt ``i`` samples with the per-row seed ``seed_of(seed, offset + i)`` (``offset``: the
+    position of the first prompt in a larger set), so a response does not depend on the other prompts.
 
     Returns a list of response token-id lists (each ≥ 1 token).
     """
-    from .rollout import Sampling, generate
+    from .rollout import Sampling, generate, seed_of
 
-    device = next(policy.parameters()).device
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        ro = generate(policy, prompts, [""] * len(prompts), Sampling(max_new_tokens=int(max_new_tokens)),
-                      pad_token_id=int(pad_token_id), eos_token_id=int(eos_token_id))
+    ro = generate(policy, prompts, [""] * len(prompts), Sampling(max_new_tokens=int(max_new_tokens)),
+                  pad_token_id=int(pad_token_id), eos_token_id=int(eos_token_id),
+                  seeds=[seed_of(seed, offset + i) for i in range(len(prompts))])
     return [r[m > 0].tolist() for r, m in zip(ro.response_ids, ro.response_mask)]
 
 
 @torch.no_grad()
 def sampled_kl(policy: Any, reference: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, seed: int,
-               pad_token_id: int, eos_token_id: int, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Dict[str, float]:
+               pad_token_id: int, eos_token_id: int, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+               offset: int = 0) -> Dict[str, float]:
     """Sampled estimate of KL(π‖π_ref) over responses to ``prompts`` (token-id lists).
 
     One response per prompt is sampled from π (temperature 1, no top-k / top-p, up to ``max_new_tokens``
-    tokens, stopping at eos) under a fixed ``seed`` (the global RNG state is restored afterwards). With
+    tokens, stopping at eos) with the per-prompt seeds of :func:`sample_responses` (``seed``, ``offset``). With
     ``d = log π(y|x) − log π_ref(y|x)`` of the sampled (possibly cut) response, both scored by
     :func:`sequence_logps`:
 
@@ -294,7 +301,7 @@ def sampled_kl(policy: Any, reference: Any, prompts: Sequence[Sequence[int]], *,
     device = next(policy.parameters()).device
     try:
         resp = sample_responses(policy, prompts, max_new_tokens=max_new_tokens, seed=seed,
-                                pad_token_id=pad_token_id, eos_token_id=eos_token_id)
+                                pad_token_id=pad_token_id, eos_token_id=eos_token_id, offset=offset)
         n = len(prompts)
         rows = []
         for p, r in zip(prompts, resp):
@@ -322,7 +329,8 @@ def train(algorithm: Any, model: Any, dataset: Any, *, output_dir: Any, tokenize
           gradient_checkpointing: bool = False, disable_dropout: bool = True, dtype: Any = torch.float32,
           split_seed: int = DEFAULT_SPLIT_SEED, allow_hub: bool = False, overwrite: bool = False,
           chunk_tokens: int = DEFAULT_CHUNK_TOKENS, progress: bool = True, verbose: bool = True,
-          config: Optional[PairConfig] = None) -> Dict[str, Any]:
+          save_steps: int = 0, save_total_limit: Optional[int] = None, resume: Any = None,
+          on_nonfinite: str = "stop", config: Optional[PairConfig] = None) -> Dict[str, Any]:
     """Train ``model`` on preference pairs with a pair-based udrra algorithm; save model, config and metrics.
 
     Args:
@@ -354,14 +362,27 @@ def train(algorithm: Any, model: Any, dataset: Any, *, output_dir: Any, tokenize
             reference see the same deterministic network.
         dtype: parameter dtype when the model is loaded here (``torch.float32`` / ``"bfloat16"``).
         progress, verbose: tqdm bar; printed summary.
+        save_steps: write a checkpoint (model, optimizer, schedule, RNG states, data position, reference, metric
+            history) to ``output_dir/checkpoints/checkpoint-K`` every K steps (0: only on SIGTERM / Ctrl-C).
+        save_total_limit: keep the newest N checkpoints (None: all).
+        resume: a checkpoint (or a run's output directory: its newest checkpoint) to continue from; the run's
+            other options must be those of the checkpoint's run (``max_steps`` may grow).
+        on_nonfinite: ``"stop"`` (a non-finite loss or gradient stops the run with :class:`TrainingError`) or
+            ``"skip"`` (the update is skipped and counted in ``skipped_steps``).
         config: a :class:`PairConfig` holding every option above at once (it replaces them when given).
+
+    Under ``accelerate launch --num_processes N`` every process trains on its ``batch_size`` pairs of each
+    global batch of ``N × batch_size`` (DDP averages the gradients) and only the main process writes.
 
     Returns:
         The ``metrics.json`` content (dict) plus ``"output_dir"``.
 
     Raises:
         ConfigError: the algorithm is not pair-based or has an unsupported reference update.
-        InputError: bad arguments, non-empty ``output_dir`` without ``overwrite``, unusable data or model.
+        InputError: bad arguments, non-empty ``output_dir`` without ``overwrite``, unusable data or model, a
+            checkpoint of another run passed to ``resume``.
+        TrainingError: a non-finite loss or gradient with ``on_nonfinite="stop"``.
+        RunInterrupted: SIGTERM / Ctrl-C, after a checkpoint of the last finished step.
     """
     t_start = time.time()
     if config is None:
@@ -372,21 +393,24 @@ def train(algorithm: Any, model: Any, dataset: Any, *, output_dir: Any, tokenize
                             max_grad_norm=max_grad_norm, weight_decay=weight_decay, kl_prompts=kl_prompts,
                             kl_max_new_tokens=kl_max_new_tokens, gradient_checkpointing=bool(gradient_checkpointing),
                             disable_dropout=bool(disable_dropout), dtype=str(dtype), split_seed=split_seed,
-                            chunk_tokens=chunk_tokens)
+                            chunk_tokens=chunk_tokens, save_steps=save_steps, save_total_limit=save_total_limit,
+                            resume=None if resume is None else str(resume), on_nonfinite=on_nonfinite)
     cfg = config.resolved()
+    world = World()
+    out_dir = _check_output_dir(output_dir, overwrite, cfg.resume)
+    checkpoint = find_checkpoint(cfg.resume) if cfg.resume else None
+    inp = _load_inputs(algorithm, model, tokenizer, dataset, cfg, allow_hub, world)  # validated before any write
 
-    out_dir = _check_output_dir(output_dir, overwrite)
-    inp = _load_inputs(algorithm, model, tokenizer, dataset, cfg, allow_hub)  # validated before any write
     def body(tmp_dir: Path) -> Dict[str, Any]:
-        s = _setup(inp.policy, inp.algo, cfg, tmp_dir)
+        s = _setup(inp.policy, inp.algo, cfg, tmp_dir, world=world)
         try:
-            return _run(inp, s, cfg, tmp_dir, progress=progress, verbose=verbose)
+            return _run(inp, s, cfg, tmp_dir, out_dir, checkpoint, progress=progress, verbose=verbose)
         except BaseException:
             s.close()
             raise
 
-    result = atomic_run(out_dir, body, t_start)
-    if verbose:
+    result = atomic_run(out_dir, body, t_start, world)
+    if verbose and world.is_main:
         _print_summary(result, out_dir)
     return result
 
@@ -417,7 +441,7 @@ class _Inputs:
 
 
 def _load_inputs(algorithm: Any, model: Any, tokenizer: Any, dataset: Any, cfg: "PairConfig",
-                 allow_hub: bool) -> _Inputs:
+                 allow_hub: bool, world: Optional[World] = None) -> _Inputs:
     """Resolve and check the algorithm, the model and the data (cheap checks before the slow loads)."""
     algo = _pair_algorithm(algorithm)
     rule, rule_params = reference_update_rule(algo)
@@ -430,50 +454,57 @@ def _load_inputs(algorithm: Any, model: Any, tokenizer: Any, dataset: Any, cfg: 
     lengths = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
     train_rows, tstats = tokenize_pairs(tok, data.train, **lengths)
     eval_rows, estats = tokenize_pairs(tok, data.eval[:min(int(cfg.eval_pairs), len(data.eval))], **lengths)
-    if len(train_rows) < cfg.batch_size:
-        raise InputError(f"the training split has {len(train_rows)} pairs, fewer than batch_size={cfg.batch_size}")
+    n_proc = world.size if world is not None else 1
+    if len(train_rows) < cfg.batch_size * n_proc:
+        raise InputError(f"the training split has {len(train_rows)} pairs, fewer than the global batch of "
+                         f"{cfg.batch_size * n_proc} (batch_size={cfg.batch_size} x {n_proc} processes)")
     return _Inputs(algo, rule, rule_params, policy, tok, model_name, data, train_rows, tstats, eval_rows, estats)
 
 
-def _run(inp: _Inputs, s: "_Session", cfg: "PairConfig", tmp_dir: Path, *, progress: bool,
-         verbose: bool) -> Dict[str, Any]:
-    """Evaluate, train, evaluate, save the model into ``tmp_dir``; returns ``metrics.json`` less ``wall_time_s``."""
+def _run(inp: _Inputs, s: "_Session", cfg: "PairConfig", tmp_dir: Path, out_dir: Path,
+         checkpoint: Optional[Path], *, progress: bool, verbose: bool) -> Dict[str, Any]:
+    """Evaluate, train (or resume), evaluate, save the model into ``tmp_dir``; returns ``metrics.json`` less
+    ``wall_time_s``."""
     algo, rule = inp.algo, inp.rule
     if s.log_with:
         hp = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in cfg.as_dict().items()}
         hp.update(algorithm=str(algo.name), beta=float(algo.beta), model=inp.model_name, dataset=str(inp.data.name),
                   reference_update=rule)
         s.accelerator.init_trackers("tensorboard", config=hp)
-    run_info = _run_info(inp, s)
-    if verbose:
+    run_info = _run_info(inp, s, cfg)
+    if verbose and s.world.is_main:
         print(f"[udrra train] {algo.name} (beta={float(algo.beta):g}, reference {rule}) on {inp.model_name} "
               f"({s.n_params:,} parameters, {s.accelerator.device}, {torch.get_num_threads()} torch threads)")
         print(f"[udrra train] data: {inp.data.describe()}")
         print(f"[udrra train] truncation: train {inp.tstats.describe()}; eval {inp.estats.describe()}")
+        par = run_info["parallel"]
+        if par["world_size"] > 1:
+            print(f"[udrra train] {par['world_size']} processes x {par['batch_size_per_process']} pairs x "
+                  f"{par['gradient_accumulation_steps']} accumulation = {par['global_batch_size']} pairs per step")
     pad_id, eos_id = int(inp.tok.pad_token_id), int(inp.tok.eos_token_id)
     kl_rows = inp.eval_rows[:min(int(cfg.kl_prompts), len(inp.eval_rows))] if s.reference is not None else []
+    show = progress and s.accelerator.is_local_main_process
     evaluator = _Evaluator(algo, s, inp.eval_rows, kl_rows, cfg, pad_id, eos_id, frozen=rule == "frozen")
-    evaluator.progress = progress and s.accelerator.is_local_main_process
-    before = evaluator(0)
+    evaluator.progress = show
     producer = OfflinePairs(inp.train_rows, batch_size=cfg.batch_size, pad_token_id=pad_id,
                             device=s.accelerator.device, policy=s.policy, reference=s.reference, seed=cfg.seed,
-                            chunk_tokens=cfg.chunk_tokens)
-    log_history, step_times, train_time = _train_steps(
-        algo, s, producer, evaluator, cfg, progress=progress and s.accelerator.is_local_main_process)
+                            chunk_tokens=cfg.chunk_tokens, world=s.world)
+    runner = _runner(inp, s, producer, evaluator, cfg, out_dir, show)
+    if checkpoint is not None:
+        check_fingerprint(read_checkpoint(checkpoint)["fingerprint"], runner.fingerprint, checkpoint)
+        runner.resume(checkpoint)
+    else:
+        runner.state.eval_before = evaluator(0)
+    runner.run()
     after = evaluator(cfg.max_steps)
     _save_model(s, inp.tok, algo, tmp_dir, cfg.gradient_checkpointing)
-    timed = step_times[1:] if len(step_times) > 1 else step_times
     result: Dict[str, Any] = {
         "config": cfg.as_dict(),
         **run_info,
-        "eval_before": before,
+        "eval_before": runner.state.eval_before,
         "eval_after": after,
-        "eval_history": evaluator.history,
-        "log_history": log_history,
-        "wall_time_s": None,  # filled in by train
-        "train_time_s": train_time,
-        "seconds_per_step": sum(timed) / len(timed),
-        "seconds_per_step_note": "mean over steps after the first" if len(step_times) > 1 else "one step",
+        **runner.summary(),
+        "wall_time_s": None,  # filled in by atomic_run
         "pairs_seen": producer.pairs_seen,
         "torch_threads": torch.get_num_threads(),
         "peak_rss_mb": _peak_rss_mb(),
@@ -507,7 +538,7 @@ def _source_kind(algo: Any) -> str:
     return getattr(getattr(getattr(algo, "components", None), "source", None), "kind", "offline_pairs")
 
 
-def _run_info(inp: _Inputs, s: _Session) -> Dict[str, Any]:
+def _run_info(inp: _Inputs, s: _Session, cfg: "PairConfig") -> Dict[str, Any]:
     """The run's description in ``metrics.json``: algorithm, model, data and truncation."""
     algo, data = inp.algo, inp.data
     uses_ref = bool(getattr(algo, "uses_reference", True))
@@ -525,17 +556,27 @@ def _run_info(inp: _Inputs, s: _Session) -> Dict[str, Any]:
                  "eval_pairs_used": len(inp.eval_rows), "test_pairs": len(data.test),
                  "eval_rows": f"first {len(inp.eval_rows)} rows of the {data.info.get('eval_split', 'eval')} split"},
         "truncation": {"train": inp.tstats.as_dict(), "eval": inp.estats.as_dict()},
+        "parallel": {"world_size": s.world.size, "batch_size_per_process": cfg.batch_size,
+                     "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+                     "global_batch_size": cfg.batch_size * s.world.size * cfg.gradient_accumulation_steps,
+                     "unit": "pairs"},
     }
 
 
 class _Evaluator:
     """Held-out evaluation of the current policy against the current reference (:func:`evaluate`, plus
     :func:`sampled_kl` on the first ``kl_prompts`` held-out prompts), logged as ``eval/...`` and kept in
-    ``history``. The reference's held-out log-probs are computed once when the reference is ``frozen``."""
+    ``history``. The reference's held-out log-probs are computed once when the reference is ``frozen``. With
+    several processes each evaluates its contiguous share of the pairs and prompts and the results are combined
+    (weighted by pairs / prompts), so every pair counts once."""
 
     def __init__(self, algo: Any, s: _Session, eval_rows: Sequence[TokenizedPair],
                  kl_rows: Sequence[TokenizedPair], cfg: "PairConfig", pad_id: int, eos_id: int, *, frozen: bool):
-        self.algo, self.s, self.eval_rows, self.kl_rows, self.cfg = algo, s, eval_rows, kl_rows, cfg
+        self.algo, self.s, self.cfg = algo, s, cfg
+        a, b = s.world.span(len(eval_rows))
+        self.eval_rows, self.n_eval = list(eval_rows[a:b]), len(eval_rows)
+        self.kl_start, self.kl_stop = s.world.span(len(kl_rows))
+        self.kl_rows = list(kl_rows[self.kl_start:self.kl_stop])
         self.pad_id, self.eos_id, self.frozen = pad_id, eos_id, frozen
         self.progress = False
         self.cache: Optional[List] = [] if frozen else None
@@ -543,17 +584,22 @@ class _Evaluator:
 
     def __call__(self, step: int) -> Dict[str, Any]:
         """Evaluate after optimizer step ``step`` (0: before training); ``{}`` without held-out rows."""
-        if not self.eval_rows:
+        if not self.n_eval:
             return {}
         t0, cfg, s = time.time(), self.cfg, self.s
-        m, cache = evaluate(self.algo, s.unwrapped, s.reference, self.eval_rows, batch_size=cfg.batch_size,
+        m, cache = evaluate(self.algo, s.model, s.reference, self.eval_rows, batch_size=cfg.batch_size,
                             pad_token_id=self.pad_id, ref_cache=self.cache, chunk_tokens=cfg.chunk_tokens,
                             progress=self.progress)
         self.cache = cache if self.frozen else None
+        kl = {}
         if self.kl_rows:
-            m.update(sampled_kl(s.unwrapped, s.reference, [r.prompt_ids for r in self.kl_rows],
-                                max_new_tokens=cfg.kl_max_new_tokens, seed=cfg.seed * 100003 + step,
-                                pad_token_id=self.pad_id, eos_token_id=self.eos_id, chunk_tokens=cfg.chunk_tokens))
+            kl = sampled_kl(s.model, s.reference, [r.prompt_ids for r in self.kl_rows],
+                            max_new_tokens=cfg.kl_max_new_tokens, seed=cfg.seed * 100003 + step,
+                            pad_token_id=self.pad_id, eos_token_id=self.eos_id, chunk_tokens=cfg.chunk_tokens,
+                            offset=self.kl_start)
+        m = _combine(s.world, m, "n_pairs")
+        if s.reference is not None and cfg.kl_prompts:
+            m.update(_combine(s.world, kl, "kl_sampled_n"))
         m["seconds"] = time.time() - t0
         m = {f"eval/{k}": v for k, v in m.items()}
         m["step"] = step
@@ -562,59 +608,42 @@ class _Evaluator:
         return m
 
 
-def _train_steps(algo: Any, s: _Session, producer: OfflinePairs, evaluator: _Evaluator, cfg: "PairConfig", *,
-                 progress: bool) -> Tuple[List[Dict[str, Any]], List[float], float]:
-    """``max_steps`` optimizer steps of :func:`udrra.loop.fit` (``gradient_accumulation_steps`` batches each,
-    reference update per the algorithm), logging the training metrics every ``logging_steps`` and evaluating every
-    ``eval_steps`` (between steps, after the reference update). Returns ``(log_history, step_seconds,
-    train_seconds)``."""
-    from tqdm.auto import tqdm
+def _combine(world: Any, metrics: Dict[str, float], count: str) -> Dict[str, float]:
+    """Per-process means over ``metrics[count]`` items each → the mean over every process's items (and the
+    summed count)."""
+    parts = [p for p in world.gather_objects([metrics]) if p]
+    if not parts:
+        return {}
+    out = _mean_dicts([(float(p[count]), p) for p in parts])
+    out[count] = float(sum(p[count] for p in parts))
+    return out
 
-    max_steps, logging_steps, eval_steps = cfg.max_steps, cfg.logging_steps, cfg.eval_steps
-    opt = _ClippedStep(s, cfg.max_grad_norm)
-    log_history: List[Dict[str, Any]] = []
-    window: List[Tuple[float, Dict[str, float]]] = []
-    step_times: List[float] = []
-    now = {"step": 0, "t0": 0.0}
-    bar = tqdm(total=max_steps, desc=f"udrra {algo.name}", disable=not progress)
 
-    def before(step: int) -> None:
-        if eval_steps and step > 1 and (step - 1) % eval_steps == 0:
-            evaluator(step - 1)  # after step - 1's reference update
-        now.update(step=step, t0=time.time())
+def _runner(inp: "_Inputs", s: _Session, producer: OfflinePairs, evaluator: _Evaluator, cfg: "PairConfig",
+            out_dir: Path, progress: bool) -> StepRunner:
+    """The step loop (:class:`udrra.lm.runner.StepRunner`): ``gradient_accumulation_steps`` batches per step,
+    the loss's metrics and the log-prob ranking accuracy per step, epoch and throughput per logged window."""
+    t_start = time.time()
 
-    def backward(loss: torch.Tensor) -> None:
-        if not torch.isfinite(loss.detach()):
-            raise InputError(f"step {now['step']}: the loss is {float(loss)} (not finite); lower the "
-                             f"learning rate or check the data")
-        s.accelerator.backward(loss)
-
-    def after(step: int, out: Any) -> bool:
-        step_times.append(time.time() - now["t0"])
+    def step_metrics(step: int, out: Any) -> Dict[str, float]:
         records, producer.attached = producer.attached, []
         sm = {_METRIC_NAMES.get(k, k): float(v) for k, v in dict(out.metrics).items()}
         acc = [(float(B), _ranking_accuracy(lp, B)) for B, lp in records]
         sm["logp_ranking_accuracy"] = sum(w * a for w, a in acc) / sum(w for w, _ in acc)
-        sm.update(grad_norm=opt.grad_norm, lr=float(s.scheduler.get_last_lr()[0]), seconds=step_times[-1])
-        window.append((1.0, sm))
-        bar.update(1)
-        bar.set_postfix(loss=f"{sm['loss']:.4f}", acc=f"{sm['reward_accuracy']:.2f}")
-        if step % logging_steps == 0 or step == max_steps:
-            lm = {f"train/{k}": v for k, v in _mean_dicts(window).items()}
-            lm["train/epoch"] = producer.pairs_seen / len(producer.rows)
-            lm["train/tokens_per_second"] = producer.tokens_seen / max(time.time() - t_train, 1e-9)
-            s.accelerator.log(lm, step=step)
-            log_history.append({"step": step, **lm})
-            window.clear()
-        return False
+        return sm
 
-    s.policy.train()
-    t_train = time.time()
-    fit(algo, producer, opt, steps=max_steps, accumulate=cfg.gradient_accumulation_steps, policy=s.unwrapped,
-        reference=s.reference, reference_update=ReferenceUpdate.of(algo.components.reference), before_step=before,
-        after_step=after, backward=backward)
-    bar.close()
-    return log_history, step_times, time.time() - t_train
+    def log_extra() -> Dict[str, float]:
+        return {"train/epoch": producer.pairs_seen / len(producer.rows),
+                "train/tokens_per_second": producer.tokens_seen / max(time.time() - t_start, 1e-9),
+                "train/pairs_seen": float(producer.pairs_seen)}
+
+    fingerprint = {"algorithm": inp.algo.to_toml(), "model": inp.model_name, "data": str(inp.data.name),
+                   "world_size": s.world.size, **cfg.as_dict()}
+    ckpt = Checkpointing(cfg.save_steps, cfg.save_total_limit, cfg.resume, cfg.on_nonfinite)
+    return StepRunner(s, inp.algo, producer, evaluator, cfg, ckpt, out_dir, fingerprint, step_metrics=step_metrics,
+                      log_extra=log_extra,
+                      postfix=lambda m: {"loss": f"{m['loss']:.4f}", "acc": f"{m['reward_accuracy']:.2f}"},
+                      progress=progress, fit_kwargs={"accumulate": cfg.gradient_accumulation_steps})
 
 
 def _print_summary(r: Dict[str, Any], out_dir: Path) -> None:
@@ -652,7 +681,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--output-dir", default=None, metavar="DIR",
                    help="where to save (default runs/<algorithm>-<data>-<timestamp>)")
     g.add_argument("--batch-size", type=int, default=None,
-                   help="pairs per micro-batch (offline, default 4) or prompts per step (online, default 8)")
+                   help="PER PROCESS: pairs per micro-batch (offline, default 4) or prompts per step (online, "
+                        "default 8); the global batch is batch size x processes x accumulation steps")
     g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 5e-6 offline, 1e-5 online)")
     g.add_argument("--max-prompt-length", type=int, default=None,
                    help="max prompt tokens, cut from the left (default: 3/4 of --max-length offline, 64 online)")
@@ -671,6 +701,23 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="if a built-in dataset's local folder is missing, download it from the HF hub")
     g.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    g = parser.add_argument_group("processes, checkpoints and faults (accelerate launch --num_processes N -m udrra.cli "
+                                  "train ...)")
+    g.add_argument("--global-batch-size", type=int, default=None, metavar="G",
+                   help="the batch of one optimizer step over all processes (instead of --batch-size): must divide "
+                        "by processes x accumulation steps")
+    g.add_argument("--save-steps", type=int, default=0, metavar="K",
+                   help="checkpoint every K steps into OUTPUT/checkpoints/checkpoint-K (default 0: only on "
+                        "SIGTERM / Ctrl-C)")
+    g.add_argument("--save-total-limit", type=int, default=None, metavar="N",
+                   help="keep only the newest N checkpoints (default: all)")
+    g.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue from a checkpoint, or from the newest checkpoint of a run's output directory "
+                        "(same options; --max-steps may grow)")
+    g.add_argument("--on-nonfinite", choices=list(ON_NONFINITE), default="stop",
+                   help="a NaN/inf loss or gradient: stop with the step and component (default) or skip the "
+                        "update and count it")
 
     g = parser.add_argument_group("offline preference pairs ([source] offline_pairs: dpo, ipo, cdpo, ...)")
     g.add_argument("--dataset", default=None, metavar="D",
@@ -735,8 +782,8 @@ def run_from_args(args: argparse.Namespace, algorithm: Any) -> int:
         if args.threads < 1:
             raise InputError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    out = args.output_dir or _default_output(algorithm, args.dataset)
-    batch_size = 4 if args.batch_size is None else args.batch_size
+    out = args.output_dir or _resumed_output(args) or _default_output(algorithm, args.dataset)
+    batch_size = _batch_size(args, default=4, accumulation=args.gradient_accumulation_steps, unit="pairs")
     train(algorithm, args.model, args.dataset, output_dir=out, max_steps=args.max_steps, batch_size=batch_size,
           learning_rate=5e-6 if args.lr is None else args.lr, max_length=args.max_length,
           max_prompt_length=args.max_prompt_length, eval_pairs=args.eval_pairs, eval_steps=args.eval_steps,
@@ -744,8 +791,31 @@ def run_from_args(args: argparse.Namespace, algorithm: Any) -> int:
           gradient_accumulation_steps=args.gradient_accumulation_steps, warmup_steps=args.warmup_steps,
           max_grad_norm=args.max_grad_norm, kl_prompts=args.kl_prompts, kl_max_new_tokens=args.kl_max_new_tokens,
           gradient_checkpointing=args.gradient_checkpointing, dtype=args.dtype, split_seed=args.split_seed,
-          allow_hub=args.allow_hub, overwrite=args.overwrite, progress=not args.no_progress)
+          allow_hub=args.allow_hub, overwrite=args.overwrite, progress=not args.no_progress,
+          save_steps=args.save_steps, save_total_limit=args.save_total_limit, resume=args.resume,
+          on_nonfinite=args.on_nonfinite)
     return 0
+
+
+def _batch_size(args: argparse.Namespace, *, default: int, accumulation: int, unit: str) -> int:
+    """The per-process batch size from ``--batch-size`` / ``--global-batch-size`` and the process count
+    (:func:`udrra.lm.parallel.resolve_batch_size`; one-line errors before anything is loaded)."""
+    from .parallel import resolve_batch_size
+
+    if args.global_batch_size is None:
+        return default if args.batch_size is None else args.batch_size
+    return resolve_batch_size(args.batch_size, args.global_batch_size, World(), accumulation, unit)
+
+
+def _resumed_output(args: argparse.Namespace) -> Optional[Path]:
+    """Without ``--output-dir``, a run resumed from ``OUT/checkpoints/checkpoint-K`` (or ``OUT``) finishes in
+    ``OUT``."""
+    if not args.resume:
+        return None
+    p = Path(args.resume).expanduser().resolve()
+    if p.parent.name == "checkpoints":
+        return p.parent.parent
+    return p if (p / "checkpoints").is_dir() else None
 
 
 def _default_output(algorithm: Any, data: Any) -> Path:
@@ -766,7 +836,7 @@ def _run_online_from_args(args: argparse.Namespace, algorithm: Any) -> int:
         raise InputError(f"{algorithm.name} ([source] kind = {src!r}) needs --prompts (e.g. tinystories) and "
                          f"--reward (e.g. vader, a reward-model dir, module:function)")
     cfg = OnlineConfig(
-        max_steps=args.max_steps, batch_size=8 if args.batch_size is None else args.batch_size,
+        max_steps=args.max_steps, batch_size=_batch_size(args, default=8, accumulation=1, unit="prompts"),
         learning_rate=1e-5 if args.lr is None else args.lr, critic_lr=args.critic_lr,
         max_prompt_length=64 if args.max_prompt_length is None else args.max_prompt_length,
         sampling=Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -776,8 +846,10 @@ def _run_online_from_args(args: argparse.Namespace, algorithm: Any) -> int:
         warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm, micro_batches=args.micro_batches,
         truncated_penalty=args.truncated_penalty, overlong_buffer=args.overlong_buffer,
         pair_labels=args.pair_labels, critic_init=args.critic_init, threads=args.threads,
-        gradient_checkpointing=args.gradient_checkpointing, dtype=args.dtype)
+        gradient_checkpointing=args.gradient_checkpointing, dtype=args.dtype, save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit, resume=args.resume, on_nonfinite=args.on_nonfinite)
     train_online(algorithm, args.model, args.prompts, args.reward,
-                 output_dir=args.output_dir or _default_output(algorithm, args.prompts), config=cfg,
+                 output_dir=args.output_dir or _resumed_output(args) or _default_output(algorithm, args.prompts),
+                 config=cfg,
                  overwrite=args.overwrite, allow_hub=args.allow_hub, progress=not args.no_progress)
     return 0

@@ -293,6 +293,11 @@ def train_reward_model(model: Any, dataset: Any, *, output_dir: Any, max_steps: 
     """
     t_start = time.time()
     _check_args(max_steps, batch_size, learning_rate, max_length, eval_pairs, train_layers, threads)
+    from .parallel import World
+
+    if World().size > 1:
+        raise InputError("udrra train-rm runs on one process (its loop does not shard the pairs); start it with "
+                         "`udrra train-rm ...`, not under accelerate launch / torchrun with several processes")
     out_dir = check_output_dir(output_dir, overwrite)
     _precheck_dataset(dataset, allow_hub)
     prev_threads = torch.get_num_threads()
