@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -271,7 +272,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return args.func(args)
     except RunInterrupted as e:
-        print(f"udrra: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":           # one line, from the main process of a launched run
+            print(f"udrra: {e}", file=sys.stderr)
         return 128 + int(e.signum)
     except TrainingError as e:
         print(f"udrra: error: {e}", file=sys.stderr)

@@ -203,6 +203,7 @@ def setup(policy: Any, algo: Any, cfg: RunSettings, tmp_dir: Path, critic: Any =
     set_seed(cfg.seed)
     log_with = "tensorboard" if is_tensorboard_available() else None
     accelerator = Accelerator(log_with=log_with, project_dir=str(tmp_dir))
+    _check_distributed_type(accelerator)
     world = world or World(accelerator.state)
     if cfg.disable_dropout:
         disable_dropout(policy)
@@ -237,6 +238,25 @@ def setup(policy: Any, algo: Any, cfg: RunSettings, tmp_dir: Path, critic: Any =
         scorer, optimizer, scheduler = accelerator.prepare(LogProbModel(policy), optimizer, scheduler)
     return Session(accelerator, log_with, scorer, policy, reference, optimizer, scheduler, trainable, n_params,
                    world=world, critic=critic, param_names=names)
+
+
+#: why udrra's trainer does not run under these accelerate engines yet (configs/fsdp.yaml, zero2/3.yaml)
+UNSUPPORTED_ENGINES = {
+    "FSDP": "rollouts, the no-grad log-prob passes and evaluation call the model itself, whose parameters stay "
+            "sharded outside the prepared module's forward (generate fails on DTensor parameters)",
+    "DEEPSPEED": "accelerator.backward steps the DeepSpeed engine at every call (udrra's gradient accumulation and "
+                 "micro-batches would step it too often), the engine clips all parameters together (udrra clips "
+                 "the policy and the critic separately), and under ZeRO-3 the lm_head weight the fused log-prob op "
+                 "reads is an empty placeholder",
+}
+
+
+def _check_distributed_type(accelerator: Any) -> None:
+    """Refuse FSDP and DeepSpeed (:data:`UNSUPPORTED_ENGINES`) with the reason, before any step is taken."""
+    kind = str(accelerator.distributed_type).split(".")[-1]
+    if kind in UNSUPPORTED_ENGINES:
+        raise ConfigError(f"udrra train does not support accelerate's {kind} yet: {UNSUPPORTED_ENGINES[kind]}; use "
+                          f"DDP (configs/ddp.yaml, or accelerate launch --multi_gpu --num_processes N)")
 
 
 class ClippedStep:
