@@ -1,7 +1,7 @@
 """Multi-process training, checkpoints and faults (udrra.lm.parallel, udrra.lm.runner).
 
-- 2 CPU processes (gloo, ``accelerate launch --multi_gpu --num_processes 2``) with ``--batch-size b`` and one
-  process with ``--batch-size 2b`` see the same rows and end with the same parameters, offline (DPO) and online
+- 2 CPU processes (gloo, ``accelerate launch --multi_gpu --num_processes 2``) with ``--batch-size 4`` and one
+  process with ``--batch-size 8`` see the same rows and end with the same parameters, offline (DPO) and online
   (REINFORCE with a batch-normalised baseline and ``token_mean``: batch-wide statistics and global token counts);
 - a 6-step run interrupted by SIGTERM after step 3 and resumed from its checkpoint ends bit-identical (weights and
   training metrics) to an uninterrupted 6-step run, offline and online;
@@ -151,14 +151,14 @@ def test_two_processes_with_half_the_batch_equal_one_process(kind, inputs, tmp_p
                 "--set", "source.n=2", "--model", inputs["model"], "--prompts", inputs["prompts"], "--reward",
                 inputs["reward"], "--max-new-tokens", "8", "--eval-prompts", "5", "--sample-steps", "1"]
     args += ["--max-steps", "3", "--lr", "1e-3", "--threads", "1", "--no-progress"]
-    _launch(args + ["--batch-size", "4", "--output-dir", str(tmp_path / "one")], 1, tmp_path, tmp_path)
-    _launch(args + ["--batch-size", "2", "--output-dir", str(tmp_path / "two")], 2, tmp_path, tmp_path)
+    _launch(args + ["--batch-size", "8", "--output-dir", str(tmp_path / "one")], 1, tmp_path, tmp_path)
+    _launch(args + ["--batch-size", "4", "--output-dir", str(tmp_path / "two")], 2, tmp_path, tmp_path)
     one, two = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
     assert one["parallel"]["world_size"] == 1 and two["parallel"]["world_size"] == 2
-    assert one["parallel"]["global_batch_size"] == two["parallel"]["global_batch_size"] == 4
+    assert one["parallel"]["global_batch_size"] == two["parallel"]["global_batch_size"] == 8
     # the same rows, counted once: pairs / prompts seen, and the per-step training losses and rewards
     seen = "pairs_seen" if kind == "offline" else "prompts_seen"
-    assert one[seen] == two[seen] == 12
+    assert one[seen] == two[seen] == 24
     for h1, h2 in zip(one["log_history"], two["log_history"]):
         assert h1["train/loss"] == pytest.approx(h2["train/loss"], abs=1e-5)   # Σ of ±A (≈ 0 with batch_norm)
         if kind == "online":
@@ -166,7 +166,7 @@ def test_two_processes_with_half_the_batch_equal_one_process(kind, inputs, tmp_p
     # one writer: the samples of both processes once, in the 1-process order
     if kind == "online":
         s1 = (tmp_path / "one" / "samples.jsonl").read_text().splitlines()
-        assert s1 == (tmp_path / "two" / "samples.jsonl").read_text().splitlines() and len(s1) == 3 * 4 * 2
+        assert s1 == (tmp_path / "two" / "samples.jsonl").read_text().splitlines() and len(s1) == 3 * 8 * 2
     # held-out rows split unevenly (2 + 1, 3 + 2) over the processes, each counted once
     assert one["eval_after"]["eval/n_prompts" if kind == "online" else "eval/n_pairs"] == (5 if kind == "online" else 3)
     untimed = [{k: v for k, v in r["eval_after"].items() if not k.endswith("seconds")} for r in (one, two)]

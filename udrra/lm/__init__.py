@@ -9,7 +9,8 @@ Modules (imported lazily, so ``import udrra.lm`` does not import transformers), 
   ``collate_pairs``
 * :mod:`udrra.lm.prompts`   ``load_prompts`` (prompt-only data for on-policy rollouts: built-in ``tinystories``,
   ``hh-rlhf``, ``ultrafeedback-1200`` or TRL prompt-only rows), ``tokenize_prompts`` (left truncation)
-* :mod:`udrra.lm.rollout`   ``generate`` (n samples per prompt, left padding, KV cache), ``Sampling``, ``Rollout``,
+* :mod:`udrra.lm.rollout`   ``generate`` (n samples per prompt, left padding, KV cache, a seed per row), ``seed_of``,
+  ``Sampling``, ``Rollout``,
   ``shape_rewards`` (truncated responses: keep, penalty, DAPO overlong shaping)
 * :mod:`udrra.lm.rewards`   ``load_reward`` (``vader``, a reward-model checkpoint, ``module:function``,
   ``file.py:function``), ``last_token_scores``
@@ -18,6 +19,10 @@ Modules (imported lazily, so ``import udrra.lm`` does not import transformers), 
 * :mod:`udrra.lm.critic`    ``ValueModel`` (the ``gae`` critic: value head on a policy or reward-model backbone)
 * :mod:`udrra.lm.producers` the sample source of each ``[source]`` kind for :func:`udrra.loop.fit`:
   ``OfflinePairs``, ``OnPolicy``, ``OnPolicyPairs``
+* :mod:`udrra.lm.parallel`  ``World`` (the processes of an ``accelerate launch`` run: shards, gathers),
+  ``estimate_global`` (batch-wide reward estimates over every process), ``resolve_batch_size``
+* :mod:`udrra.lm.runner`    ``StepRunner`` (the step loop of every LM trainer: logging, evaluation, checkpoints,
+  ``--resume``, non-finite steps, SIGTERM / Ctrl-C), ``Checkpointing``, ``find_checkpoint``
 * :mod:`udrra.lm.run`       the run around the loop: session, output directory, saving
 * :mod:`udrra.lm.train`     ``train`` (offline pairs; import it as ``from udrra.lm.train import train``: the name is
   also the submodule), ``evaluate``, ``sampled_kl``, and the ``udrra train`` CLI (``add_train_arguments``,
@@ -46,7 +51,9 @@ _EXPORTS = {
     "response_logps": "logprobs", "ValueModel": "critic",
     "train_online": "online", "OnlineConfig": "online", "evaluate_generations": "online",
     "load_reward": "rewards", "Reward": "rewards", "RewardError": "rewards", "last_token_scores": "rewards",
-    "train_reward_model": "train_rm",
+    "train_reward_model": "train_rm", "seed_of": "rollout", "LogProbModel": "logprobs",
+    "World": "parallel", "estimate_global": "parallel", "resolve_batch_size": "parallel",
+    "StepRunner": "runner", "Checkpointing": "runner", "find_checkpoint": "runner",
 }
 
 __all__ = sorted(_EXPORTS)
