@@ -186,21 +186,203 @@ def test_claims_value_initial_and_other_variant(xu_result):
     c = {x["text"]: x for x in res.claims}
     assert len(c) == 4
     final_p3 = xu_adam_trajectory(6)[-1][2]
-    # π(y3) ≤ 1/3 < 0.5 all along (2·cosh a + 1 ≥ 3): the "> 0.5" claim fails.
-    assert c["y3 ends with most of the mass"]["holds"] is False
+    final_p1 = xu_adam_trajectory(6)[-1][0]
+    # One seed: the difference is measured but there is no interval (N − 1 = 0 degrees of freedom), so no claim
+    # is resolved — whatever the sign of the difference.
+    for x in c.values():
+        assert x["verdict"] == "not resolved" and x["holds"] is False and x["seeds"] == 1
+        assert math.isnan(x["ci_low"]) and math.isnan(x["ci_high"]) and x["note"] == "one seed: no interval"
+    # the seed means are kept as before: measured / reference
     assert c["y3 ends with most of the mass"]["measured"] == pytest.approx(final_p3, abs=1e-12)
     assert c["y3 ends with most of the mass"]["reference"] == 0.5
-    # than = "initial": compared with the step-0 value 1/3 (uniform start); π(y3) fell below it.
+    assert c["y3 ends with most of the mass"]["diff_mean"] == pytest.approx(final_p3 - 0.5, abs=1e-12)
+    # than = "initial": compared with the step-0 value 1/3 (uniform start) of the same seed.
     init = c["y3 loses mass"]
-    assert init["holds"] is True and init["reference"] == pytest.approx(1 / 3, abs=1e-15)
-    # The twin is the same composition ⇒ the same final max_prob: ">" fails, ">=" holds.
-    assert c["DPO beats its twin"]["holds"] is False
-    assert c["DPO matches its twin"]["holds"] is True
+    assert init["reference"] == pytest.approx(1 / 3, abs=1e-15)
+    assert init["diff_mean"] == pytest.approx(final_p3 - 1 / 3, abs=1e-12)
+    # The twin is the same composition ⇒ the same final max_prob: the difference is exactly 0.
+    assert c["DPO beats its twin"]["diff_mean"] == 0.0
+    assert c["DPO matches its twin"]["measured"] == pytest.approx(final_p1, abs=1e-12)
     report = (out / "report.md").read_text()
     lines = {t: next(line for line in report.splitlines() if line.startswith(f"| {t} (")) for t in c}
-    assert lines["y3 ends with most of the mass"].endswith("| **no** |")
-    assert lines["y3 loses mass"].endswith("| yes |")
-    assert lines["DPO beats its twin"].endswith("| **no** |")
+    assert all(line.endswith("| not resolved at 1 seed |") for line in lines.values())
+    assert lines["y3 loses mass"].startswith("| y3 loses mass (DPO: uncovered_mass < its initial value) | ")
+    assert "| claim | measured (mean vs reference) | difference, 95% CI | verdict |" in report
+    assert f"{final_p3 - 1 / 3:+.3g} (1 seed: no interval)" in lines["y3 loses mass"]
+
+
+def test_claims_on_replica_seeds_are_judged_by_the_sign_and_a_tie_is_not_resolved(tmp_path):
+    # init "uniform", exact gradients: both seeds are the same run (replicas), so every d_s is the same number and
+    # the interval has width 0 (sd = 0): the verdict is the sign of d. The twin gives d = 0 exactly in both seeds:
+    # a tie, not resolved — for ">=" as well as ">".
+    ex = load_experiment(write(tmp_path, XU_TABLE))
+    res = run_experiment(ex, tmp_path / "out", progress=False, seeds=2)
+    c = {x["text"]: x for x in res.claims}
+    final_p3 = xu_adam_trajectory(6)[-1][2]
+    big = c["y3 ends with most of the mass"]   # π(y3) − 0.5 < 0 in both seeds, claim ">"
+    assert big["verdict"] == "does not hold" and big["holds"] is False and big["seeds"] == 2
+    assert big["diff_mean"] == big["ci_low"] == big["ci_high"] == pytest.approx(final_p3 - 0.5, abs=1e-12)
+    loses = c["y3 loses mass"]                 # π(y3) − 1/3 < 0 in both seeds, claim "<"
+    assert loses["verdict"] == "holds" and loses["holds"] is True
+    assert loses["ci_high"] == pytest.approx(final_p3 - 1 / 3, abs=1e-12)
+    for t in ("DPO beats its twin", "DPO matches its twin"):
+        assert c[t]["verdict"] == "not resolved" and c[t]["holds"] is False
+        assert c[t]["diff_mean"] == c[t]["ci_low"] == c[t]["ci_high"] == 0.0 and c[t]["note"].startswith("tie")
+    report = (tmp_path / "out" / "report.md").read_text()
+    line = next(x for x in report.splitlines() if x.startswith("| DPO matches its twin ("))
+    assert line.endswith("| 0 [0, 0] | not resolved at 2 seeds (tie in every seed) |")
+    assert next(x for x in report.splitlines() if x.startswith("| y3 ends with")).endswith("| **does not hold** |")
+
+
+# Student's t quantiles derived by hand (not from scipy): with ν = 1 the t distribution is Cauchy,
+# F(t) = ½ + atan(t)/π ⇒ t(0.975, 1) = tan(0.475·π) = 12.7062…; with ν = 2, F(t) = ½ + t / (2·√(2 + t²)) ⇒
+# t/√(2 + t²) = 0.95 ⇒ t² = 0.95²·2 / (1 − 0.95²) ⇒ t(0.975, 2) = 4.302652…
+T1 = math.tan(0.475 * math.pi)
+T2 = 0.95 * math.sqrt(2 / (1 - 0.95 ** 2))
+
+
+def test_hand_quantiles_are_the_tabulated_ones():
+    assert T1 == pytest.approx(12.7062, abs=1e-4) and T2 == pytest.approx(4.302653, abs=1e-6)
+
+
+def test_judge_claim_three_seeds_interval_by_hand():
+    from udrra.ablate import judge_claim
+    # d = (1, 2, 3): mean 2, s = 1, half-width t(0.975, 2)·1/√3 = 2.4841 ⇒ [−0.484, 4.484] holds 0: not resolved.
+    j = judge_claim([1.0, 2.0, 3.0], ">")
+    assert j["verdict"] == "not resolved" and j["seeds"] == 3 and j["diff_mean"] == 2.0
+    assert T2 / math.sqrt(3) == pytest.approx(2.484138, abs=1e-6)
+    assert j["ci_low"] == pytest.approx(2 - T2 / math.sqrt(3), abs=1e-9)
+    assert j["ci_high"] == pytest.approx(2 + T2 / math.sqrt(3), abs=1e-9)
+    assert j["ci_low"] == pytest.approx(-0.484138, abs=1e-6)
+    # d = (1.0, 1.1, 0.9): mean 1, s = 0.1, half-width 0.24841 ⇒ [0.7516, 1.2484], wholly above 0.
+    d = [1.0, 1.1, 0.9]
+    for op, verdict in ((">", "holds"), (">=", "holds"), ("<", "does not hold"), ("<=", "does not hold")):
+        j = judge_claim(d, op)
+        assert j["verdict"] == verdict, op
+        assert j["ci_low"] == pytest.approx(1 - 0.1 * T2 / math.sqrt(3), abs=1e-9)
+        assert j["ci_high"] == pytest.approx(1 + 0.1 * T2 / math.sqrt(3), abs=1e-9)
+    # reversed: wholly below 0
+    neg = [-x for x in d]
+    assert judge_claim(neg, ">")["verdict"] == "does not hold"
+    assert judge_claim(neg, "<")["verdict"] == "holds"
+    assert judge_claim(neg, "<=")["ci_high"] == pytest.approx(-0.751586, abs=1e-6)
+
+
+def test_judge_claim_two_seeds_one_seed_ties_and_nan():
+    from udrra.ablate import judge_claim
+    # N = 2, d = (1, 3): mean 2, s = √2, half-width t(0.975, 1)·√2/√2 = 12.706 ⇒ [−10.71, 14.71]
+    j = judge_claim([1.0, 3.0], ">")
+    assert j["verdict"] == "not resolved"
+    assert (j["ci_low"], j["ci_high"]) == (pytest.approx(2 - T1, abs=1e-9), pytest.approx(2 + T1, abs=1e-9))
+    # N = 1: no interval, whatever the sign
+    for d in ([5.0], [-5.0]):
+        j = judge_claim(d, ">")
+        assert j["verdict"] == "not resolved" and j["diff_mean"] == d[0] and math.isnan(j["ci_low"])
+    # equal non-zero differences: zero-width interval at that value, judged by its sign
+    j = judge_claim([0.25, 0.25, 0.25], "<")
+    assert j["verdict"] == "does not hold" and j["ci_low"] == j["ci_high"] == 0.25
+    # exactly 0 in every seed: a tie, not resolved for every op
+    for op in (">", "<", ">=", "<="):
+        j = judge_claim([0.0, 0.0, 0.0], op)
+        assert j["verdict"] == "not resolved" and j["note"].startswith("tie"), op
+    j = judge_claim([1.0, float("nan"), 2.0], ">")
+    assert j["verdict"] == "not resolved" and math.isnan(j["diff_mean"]) and j["note"].startswith("NaN")
+    with pytest.raises(InputError, match="op must be one of"):
+        judge_claim([1.0, 2.0], "==")
+    with pytest.raises(InputError, match="at least one"):
+        judge_claim([], ">")
+
+
+def test_claim_against_another_variant_is_paired_by_seed(tmp_path):
+    # kl_placement starts each seed at log π_ref + N(0, 0.25): seeds differ, and the claim "k1 in loss max_prob >
+    # k1 in reward" is judged on d_s = final_s(k1 in loss) − final_s(k1 in reward) of the same seed s.
+    ex = load_experiment(REPO / "experiments" / "kl_placement.toml")
+    res = run_experiment(ex, tmp_path / "out", progress=False, steps=5, seeds=2)
+    c = res.claims[3]
+    assert c["variant"] == "k1 in loss" and c["against"] == "k1 in reward" and c["seeds"] == 2
+
+    def final(label, seed):
+        return [r for r in res.rows if r["variant"] == label and r["seed"] == seed][-1]["max_prob"]
+    d = [final("k1 in loss", s) - final("k1 in reward", s) for s in (0, 1)]
+    assert d[0] != d[1]  # the seeds differ
+    mean = (d[0] + d[1]) / 2
+    half = T1 * abs(d[0] - d[1]) / 2  # s = |d0 − d1|/√2, half-width t·s/√2
+    assert c["diff_mean"] == pytest.approx(mean, abs=1e-12)
+    assert c["ci_low"] == pytest.approx(mean - half, abs=1e-9)
+    assert c["ci_high"] == pytest.approx(mean + half, abs=1e-9)
+    # pairing shows in the width: it is that of d = paired differences (s = |d0 − d1|/√2), not the width of an
+    # interval built from the two variants' spreads
+    assert c["ci_high"] - c["ci_low"] == pytest.approx(T1 * abs(d[0] - d[1]), abs=1e-9)
+    assert c["verdict"] == ("holds" if mean - half > 0 else "does not hold" if mean + half < 0 else "not resolved")
+    # than = "initial" of a random start: final − initial of the same seed
+    ex_init = load_experiment(write(tmp_path, (REPO / "experiments" / "kl_placement.toml").read_text().replace(
+        'than = "k1 in reward"', 'than = "initial"'), name="init.toml"))
+    res2 = run_experiment(ex_init, tmp_path / "out2", progress=False, steps=5, seeds=2)
+    c2 = res2.claims[3]
+    rows = [r for r in res2.rows if r["variant"] == "k1 in loss"]
+    d2 = [[r for r in rows if r["seed"] == s][-1]["max_prob"] - [r for r in rows if r["seed"] == s][0]["max_prob"]
+          for s in (0, 1)]
+    assert c2["diff_mean"] == pytest.approx((d2[0] + d2[1]) / 2, abs=1e-12)
+    assert c2["ci_high"] - c2["ci_low"] == pytest.approx(T1 * abs(d2[0] - d2[1]), abs=1e-9)
+
+
+def test_report_only_rebuilds_summary_and_report_exactly_and_leaves_the_rest(tmp_path):
+    import shutil
+    from udrra.ablate import report_from_results
+    p = write(tmp_path, XU_TABLE)
+    out = tmp_path / "run"
+    res = run_experiment(load_experiment(p), out, progress=False, seeds=2)
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "summary.csv").unlink()
+    (copy / "report.md").write_text((out / "report.md").read_text().split("## Claims checked")[0])  # keeps "ran in"
+    rebuilt = report_from_results(p, copy)
+    # the file says seeds = 1; the stored run has 2: the rebuild takes the run's
+    assert rebuilt.experiment.seeds == 2 and all(c["seeds"] == 2 for c in rebuilt.claims)
+    assert (copy / "summary.csv").read_bytes() == before["summary.csv"]
+    assert (copy / "report.md").read_bytes() == before["report.md"]
+    assert {f.name: f.read_bytes() for f in copy.iterdir()} == before  # metrics.csv and the PNGs untouched
+    assert [c["verdict"] for c in rebuilt.claims] == [c["verdict"] for c in res.claims]
+    assert rebuilt.files == [copy / "summary.csv", copy / "report.md"]
+    # without an old report the run time is unknown
+    (copy / "report.md").unlink()
+    report_from_results(p, copy)
+    assert "- run time not recorded (report rebuilt from metrics.csv)" in (copy / "report.md").read_text()
+
+
+def test_report_only_errors(tmp_path, capsys):
+    from udrra.ablate import report_from_results
+    p = write(tmp_path, XU_TABLE)
+    with pytest.raises(InputError, match="no metrics.csv"):
+        report_from_results(p, tmp_path / "nothing")
+    run_experiment(load_experiment(p), tmp_path / "run", progress=False, steps=3)
+    # the stored run took 3 steps; the file says 6
+    with pytest.raises(InputError, match=r"ends at step 3, not 6.*--steps"):
+        report_from_results(p, tmp_path / "run")
+    assert report_from_results(p, tmp_path / "run", steps=3).experiment.steps == 3
+    # metrics.csv of another experiment version (a metric dropped from the file)
+    q = write(tmp_path, XU_TABLE.replace('"max_prob", "loss"]', '"loss"]').split("[[claim]]")[0], name="q.toml")
+    with pytest.raises(InputError, match="columns"):
+        report_from_results(q, tmp_path / "run")
+    rc = main(["ablate", str(p), "--output-dir", str(tmp_path / "run"), "--report-only", "--seeds", "2"])
+    assert rc == 2 and "--report-only takes the seeds from metrics.csv" in capsys.readouterr().err
+
+
+def test_cli_report_only_prints_the_verdicts(tmp_path, capsys):
+    p = write(tmp_path, XU_TABLE)
+    out = tmp_path / "o"
+    run_experiment(load_experiment(p), out, progress=False, seeds=2)
+    png = (out / "loss.png").read_bytes()
+    rc = main(["ablate", str(p), "--output-dir", str(out), "--report-only"])
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    assert stdout.startswith("xu_table1: report rebuilt from ")
+    assert "(2 variants × 2 seeds)" in stdout
+    assert "claim holds: y3 loses mass (DPO uncovered_mass final − initial = -" in stdout
+    assert "claim not resolved at 2 seeds: DPO matches its twin (DPO − DPO twin max_prob = +0, 95% CI [+0, +0]) " \
+           "(tie in every seed)" in stdout
+    assert (out / "loss.png").read_bytes() == png
 
 
 def test_outputs_csv_png_report(xu_result):
@@ -490,17 +672,21 @@ def test_kl_placement_example_loads_and_runs_short(tmp_path):
 def test_cli_ablate_runs_and_overrides_steps_and_seeds(tmp_path, capsys):
     p = write(tmp_path, XU_TABLE)
     out = tmp_path / "cli_out"
-    rc = main(["ablate", str(p), "--output-dir", str(out), "--steps", "2", "--seeds", "1", "--no-progress"])
+    rc = main(["ablate", str(p), "--output-dir", str(out), "--steps", "2", "--seeds", "2", "--no-progress"])
     assert rc == 0
     stdout = capsys.readouterr().out
-    assert stdout.startswith("xu_table1: 2 variants × 1 seeds")
-    assert "claim DOES NOT hold: y3 ends with most of the mass" in stdout
-    assert "claim holds: y3 loses mass" in stdout
-    # steps 2, log_every 1 ⇒ rows at 0, 1, 2 ⇒ 2 variants × 3 rows
-    assert len(read_csv(out / "metrics.csv")) == 6
-    final_p3 = xu_adam_trajectory(2)[-1][2]
+    assert stdout.startswith("xu_table1: 2 variants × 2 seeds")  # the seeds run, not the file's 1
+    # two replica seeds (exact gradients, uniform start): zero-width intervals at the one difference
+    p3 = xu_adam_trajectory(2)[-1][2]
+    d = p3 - 0.5
+    assert (f"claim DOES NOT hold: y3 ends with most of the mass (DPO uncovered_mass − 0.5 = {d:+.3g}, 95% CI "
+            f"[{d:+.3g}, {d:+.3g}])") in stdout
+    assert "claim holds: y3 loses mass (DPO uncovered_mass final − initial = " in stdout
+    assert "claim not resolved at 2 seeds: DPO beats its twin" in stdout
+    # steps 2, log_every 1 ⇒ rows at 0, 1, 2 ⇒ 2 variants × 2 seeds × 3 rows
+    assert len(read_csv(out / "metrics.csv")) == 12
     s = read_csv(out / "summary.csv")[0]
-    assert float(s["uncovered_mass_final"]) == pytest.approx(final_p3, abs=1e-12)
+    assert float(s["uncovered_mass_final"]) == pytest.approx(p3, abs=1e-12)
 
 
 def test_cli_output_dir_takes_one_file(tmp_path, capsys):

@@ -53,6 +53,21 @@ An experiment is a TOML file (see ``experiments/``)::
     op = ">"                           # > < >= <=
     value = 0.05                       # or: than = "initial" | "<other variant label>"
 
+How claims are judged (:func:`judge_claim`): over seeds, not on seed means alone. Each seed s gives a difference
+d_s: ``than = "<variant>"``: final_s(variant) − final_s(other), paired by seed (every variant runs seeds 0 … N − 1;
+a variant whose runs do not depend on the seed simply repeats its value); ``than = "initial"``: final_s − initial_s
+of the same variant and seed; ``value = v``: final_s − v. The claim reads ``mean(d) op 0``, judged with the
+two-sided 95 % Student-t interval mean(d) ± t(0.975, N − 1)·sd(d)/√N: **holds** when the whole interval is on the
+claim's side of 0 (``>``/``>=``: lower bound > 0; ``<``/``<=``: upper bound < 0), **does not hold** when it is
+wholly on the other side, **not resolved at N seeds** otherwise — the interval contains (or touches) 0, N = 1 (no
+interval), a NaN metric, or a tie (d exactly 0 in every seed, e.g. two variants that are the same run; for
+``>=``/``<=`` too: an interval cannot tell ``>=`` from ``>``). More seeds narrow the interval; a claim that is not
+resolved says that the seeds measured do not decide it, not that it is false. Seeds that are replicas (exact
+gradients from the same start and testbed) give equal d_s: a zero-width interval, and the verdict is the sign of
+that difference. Each claim dict has ``measured``/``reference`` (seed means), ``against``, ``verdict``,
+``diff_mean``, ``ci_low``, ``ci_high``, ``seeds``, ``note``, ``difference`` (what d is) and ``holds`` (True only for
+the verdict "holds").
+
 Metrics (per logged step, per seed; means over prompts):
 
 - ``tv_target``: total variation to the variant's own derived target (NaN where it has none);
@@ -78,7 +93,10 @@ the sampler and the initial policy, not the testbed), through :func:`udrra.seque
 is measured.
 
 Outputs in the output directory: ``metrics.csv`` (every logged step), ``summary.csv`` (final values, mean ± std
-over seeds, steps-to-ε), one PNG per metric (mean over seeds with a min–max band) and ``report.md``.
+over seeds, steps-to-ε), one PNG per metric (mean over seeds with a min–max band) and ``report.md`` (with the
+claims: both means, the mean difference with its 95 % interval, the verdict). :func:`report_from_results`
+(``udrra ablate FILE --report-only``) rebuilds ``summary.csv``, the claims and ``report.md`` from a stored
+``metrics.csv`` without training (the figures are left as they are).
 
 Seeds are vectorised where the runs are independent per prompt (table policy, no batch-level advantage
 normalisation): S seeds of a P-prompt bandit run as one S·P-prompt bandit, with the loss scaled by S so that
@@ -90,7 +108,6 @@ from __future__ import annotations
 import copy
 import csv
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,7 +124,8 @@ from .reward_model import fit_reward_model
 from .verify import OPTIMIZERS, total_variation, train
 
 __all__ = ["Experiment", "Variant", "Claim", "load_experiment", "run_experiment", "build_testbed", "METRICS",
-           "TESTBEDS", "ExperimentResult"]
+           "TESTBEDS", "ExperimentResult", "judge_claim", "report_from_results", "claim_line", "VERDICTS",
+           "CLAIM_CONFIDENCE"]
 
 METRICS = ("tv_target", "tv_base", "kl_ref", "reward", "uncovered_mass", "max_uncovered", "max_prob", "loss",
            "tv_limit", "mean_length")
@@ -573,7 +591,8 @@ def _start_logits(ex: Experiment, log_ref: Tensor, seed: int) -> Tensor:
 @dataclass
 class ExperimentResult:
     """What :func:`run_experiment` produced: ``rows`` (one dict per logged step × seed × variant), ``summary``
-    (one dict per variant), ``claims`` (dicts with the measured values and ``holds``), ``files`` written."""
+    (one dict per variant), ``claims`` (dicts with the seed means, the verdict, the mean per-seed difference and
+    its 95 % interval: see :func:`judge_claim`), ``files`` written."""
     experiment: Experiment
     rows: List[Dict[str, Any]]
     summary: List[Dict[str, Any]]
@@ -742,21 +761,134 @@ def _target_lengths(ex: Experiment, summary: List[Dict[str, Any]], base_algo: Al
         rec["mean_length_base_target"] = nan if base is None else float((base * home.lengths).sum(-1).mean())
 
 
-def _check_claims(ex: Experiment, summary: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+#: confidence level of the claim intervals
+CLAIM_CONFIDENCE = 0.95
+#: the three verdicts of a claim (``claim["verdict"]``)
+VERDICTS = ("holds", "does not hold", "not resolved")
+
+
+def judge_claim(diffs: Sequence[float], op: str, confidence: float = CLAIM_CONFIDENCE) -> Dict[str, Any]:
+    """Judge ``d op 0`` from per-seed differences ``d_s`` (measured − reference, one per seed).
+
+    The mean of d with a two-sided ``confidence`` Student-t interval, mean ± t(½ + confidence/2, N − 1)·s/√N
+    (s the sample standard deviation of d). Verdict: ``"holds"`` when the whole interval is on the claim's side of 0
+    (``>``/``>=``: lower bound > 0; ``<``/``<=``: upper bound < 0), ``"does not hold"`` when it is wholly on the
+    other side, ``"not resolved"`` otherwise: the interval contains or touches 0, one seed (N = 1: no interval), a
+    difference of exactly 0 in every seed (a tie: the interval is the point 0, on neither side — for ``>=``/``<=``
+    too), or a NaN difference. An interval cannot tell ``>=`` from ``>``: both are judged as above. Equal
+    differences in every seed (seeds that are replicas, e.g. exact gradients from the same start) give a zero-width
+    interval: the verdict is then the sign of that difference.
+
+    Returns:
+        ``{"verdict", "diff_mean", "ci_low", "ci_high", "seeds", "note"}``: ``ci_low``/``ci_high`` are NaN for
+        N = 1 or a NaN difference; ``note`` says why a claim is not resolved ("" otherwise).
+    Raises:
+        InputError: an unknown ``op``, no differences, or ``confidence`` outside (0, 1).
+    """
+    import statistics
+    if op not in _OPS:
+        raise InputError(f"op must be one of {list(_OPS)}, got {op!r}")
+    if not 0 < confidence < 1:
+        raise InputError(f"confidence must be in (0, 1), got {confidence!r}")
+    d = [float(x) for x in diffs]
+    n = len(d)
+    if n == 0:
+        raise InputError("judge_claim needs at least one per-seed difference")
+    nan = float("nan")
+    out = {"verdict": "not resolved", "diff_mean": nan, "ci_low": nan, "ci_high": nan, "seeds": n, "note": ""}
+    if any(x != x for x in d):
+        out["note"] = "NaN difference (the metric is undefined here)"
+        return out
+    mean = statistics.fmean(d) if n > 1 else d[0]
+    if n > 1 and all(x == d[0] for x in d):
+        mean = d[0]  # replicas: exactly their common value (fmean may round in the last bit)
+    out["diff_mean"] = mean
+    if n == 1:
+        out["note"] = "one seed: no interval"
+        return out
+    from scipy.stats import t as student_t
+    sd = statistics.stdev(d)  # exact for equal values (0.0)
+    half = float(student_t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
+    lo, hi = mean - half, mean + half
+    out["ci_low"], out["ci_high"] = lo, hi
+    if lo == hi == 0.0:
+        out["note"] = "tie: the difference is exactly 0 in every seed"
+        return out
+    side = 1 if op in (">", ">=") else -1
+    if (lo > 0 and side > 0) or (hi < 0 and side < 0):
+        out["verdict"] = "holds"
+    elif (hi < 0 and side > 0) or (lo > 0 and side < 0):
+        out["verdict"] = "does not hold"
+    else:
+        out["note"] = "the interval contains 0"
+    return out
+
+
+def _per_seed(rows: Sequence[Dict[str, Any]], variant: str, metric: str) -> Dict[int, tuple]:
+    """``{seed: (initial, final)}`` of one variant's metric: its first and last logged row of each seed (in row order,
+    as :func:`_summarise` takes them)."""
+    out: Dict[int, list] = {}
+    for r in rows:
+        if r["variant"] != variant:
+            continue
+        s = int(r["seed"])
+        if s not in out:
+            out[s] = [r[metric], r[metric]]
+        else:
+            out[s][1] = r[metric]
+    return {s: (float(a), float(b)) for s, (a, b) in out.items()}
+
+
+def _check_claims(ex: Experiment, summary: List[Dict[str, Any]], rows: Sequence[Dict[str, Any]]
+                  ) -> List[Dict[str, Any]]:
+    """Each claim judged over seeds (:func:`judge_claim`) on per-seed differences d_s: ``than = "<variant>"``:
+    final_s(variant) − final_s(than), paired by seed (variants run the same seeds; only seeds both ran count);
+    ``than = "initial"``: final_s − initial_s of the variant; ``value = v``: final_s − v. ``measured``/``reference``
+    are the means over seeds (as in ``summary``); ``holds`` is True only for the verdict ``"holds"``."""
     by = {s["variant"]: s for s in summary}
     out = []
     for c in ex.claims:
         got = by[c.variant][f"{c.metric}_final"]
+        mine = _per_seed(rows, c.variant, c.metric)
         if c.than == "initial":
             ref, what = by[c.variant][f"{c.metric}_initial"], "its initial value"
+            seeds = sorted(mine)
+            diffs = [mine[s][1] - mine[s][0] for s in seeds]
+            label = f"{c.variant} {c.metric} final − initial"
         elif c.than is not None:
             ref, what = by[c.than][f"{c.metric}_final"], f"{c.than}"
+            other = _per_seed(rows, c.than, c.metric)
+            seeds = sorted(set(mine) & set(other))
+            diffs = [mine[s][1] - other[s][1] for s in seeds]
+            label = f"{c.variant} − {c.than} {c.metric}"
         else:
             ref, what = c.value, f"{c.value:g}"
-        holds = bool(got == got and ref == ref and _OPS[c.op](got, ref))
+            seeds = sorted(mine)
+            diffs = [mine[s][1] - c.value for s in seeds]
+            label = f"{c.variant} {c.metric} − {c.value:g}"
+        if not diffs:
+            raise InputError(f"claim {c.text!r}: no seed has rows of both {c.variant!r} and {c.than!r}")
+        j = judge_claim(diffs, c.op)
         out.append({"text": c.text, "variant": c.variant, "metric": c.metric, "op": c.op, "measured": got,
-                    "reference": ref, "against": what, "holds": holds})
+                    "reference": ref, "against": what, "holds": j["verdict"] == "holds", **j,
+                    "difference": label})
     return out
+
+
+def claim_line(c: Dict[str, Any]) -> str:
+    """One claim as the CLI prints it: verdict, text, the mean difference and its interval, e.g.
+    ``claim not resolved at 10 seeds: … (PPO − DPO max_uncovered = +0.005, 95% CI [-0.012, +0.022])``."""
+    verdict = {"holds": "holds", "does not hold": "DOES NOT hold"}.get(
+        c["verdict"], f"not resolved at {c['seeds']} seed{'s' if c['seeds'] != 1 else ''}")
+    if c["diff_mean"] != c["diff_mean"]:
+        interval = "NaN"
+    elif c["ci_low"] != c["ci_low"]:
+        interval = f"{c['diff_mean']:+.3g}, no interval at 1 seed"
+    else:
+        interval = (f"{c['diff_mean']:+.3g}, {CLAIM_CONFIDENCE:.0%} CI [{c['ci_low']:+.3g}, "
+                    f"{c['ci_high']:+.3g}]")
+    tie = " (tie in every seed)" if c["note"].startswith("tie") else ""
+    return f"claim {verdict}: {c['text']} ({c['difference']} = {interval}){tie}"
 
 
 def _fmt(x: Any) -> str:
@@ -767,18 +899,45 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
-def _write(ex: Experiment, rows, summary, claims, out_dir: Path, seconds: float) -> List[Path]:
+def _sfmt(x: float) -> str:
+    """A difference to 3 significant digits with an explicit sign (``+0.0357``, ``-0.01``, ``0``)."""
+    return "—" if x != x else f"{x:+.3g}" if x != 0 else "0"
+
+
+def _claim_cells(c: Dict[str, Any]) -> List[str]:
+    """The report's claim row: claim, measured (the two means), mean difference with its interval, verdict."""
+    measured = f"{_fmt(c['measured'])} vs {_fmt(c['reference'])}"
+    if c["diff_mean"] != c["diff_mean"]:
+        diff = "—"
+    elif c["ci_low"] != c["ci_low"]:
+        diff = f"{_sfmt(c['diff_mean'])} (1 seed: no interval)"
+    else:
+        diff = f"{_sfmt(c['diff_mean'])} [{_sfmt(c['ci_low'])}, {_sfmt(c['ci_high'])}]"
+    n = c["seeds"]
+    verdict = {"holds": "holds", "does not hold": "**does not hold**"}.get(
+        c["verdict"], f"not resolved at {n} seed{'s' if n != 1 else ''}")
+    if c["note"].startswith("tie"):
+        verdict += " (tie in every seed)"
+    return [f"{c['text']} ({c['variant']}: {c['metric']} {c['op']} {c['against']})", measured, diff, verdict]
+
+
+def _write(ex: Experiment, rows, summary, claims, out_dir: Path, seconds: Optional[float], *,
+           figures: bool = True) -> List[Path]:
+    """Write ``metrics.csv``, ``summary.csv``, the figures and ``report.md``. ``figures = False`` (rebuilding a
+    report from a stored ``metrics.csv``) writes neither ``metrics.csv`` nor the PNGs: the report links the PNGs
+    already in ``out_dir``. ``seconds = None``: the run time is unknown."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     out_dir.mkdir(parents=True, exist_ok=True)
     files = []
-    mpath = out_dir / "metrics.csv"
-    with open(mpath, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["variant", "seed", "step"] + ex.metrics)
-        w.writeheader()
-        w.writerows(rows)
-    files.append(mpath)
+    if figures:
+        mpath = out_dir / "metrics.csv"
+        with open(mpath, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["variant", "seed", "step"] + ex.metrics)
+            w.writeheader()
+            w.writerows(rows)
+        files.append(mpath)
     spath = out_dir / "summary.csv"
     keys = list(summary[0].keys())
     for s in summary[1:]:
@@ -797,7 +956,7 @@ def _write(ex: Experiment, rows, summary, claims, out_dir: Path, seconds: float)
     figs = []
     many = len(ex.variants) > 6
     colours = plt.cm.tab20.colors if len(ex.variants) > 10 else plt.cm.tab10.colors
-    for m in ex.metrics:
+    for m in (ex.metrics if figures else []):
         fig, ax = plt.subplots(figsize=(9.0 if many else 6.4, 4.0))
         drew = False
         for i, v in enumerate(ex.variants):
@@ -833,6 +992,8 @@ def _write(ex: Experiment, rows, summary, claims, out_dir: Path, seconds: float)
         plt.close(fig)
         files.append(fpath)
         figs.append((m, fpath.name))
+    if not figures:
+        figs = [(m, f"{m}.png") for m in ex.metrics if (out_dir / f"{m}.png").is_file()]
     lines = [f"# {ex.name}", ""]
     if ex.description:
         lines += [ex.description, ""]
@@ -850,7 +1011,8 @@ def _write(ex: Experiment, rows, summary, claims, out_dir: Path, seconds: float)
             lines.append(f"- {k}: `{ex.testbed[k]}`")
     lines += [f"- base: `{ex.base}`; mode {ex.mode}; {ex.optimizer} lr {ex.lr:g}; {ex.steps} steps; "
               f"{ex.seeds} seeds; init {ex.init}" + (f" (scale {ex.init_scale:g})" if ex.init == "random" else ""),
-              f"- ran in {seconds:.1f} s (1 torch thread)", "",
+              f"- ran in {seconds:.1f} s (1 torch thread)" if seconds is not None else
+              "- run time not recorded (report rebuilt from metrics.csv)", "",
               "## Variants", "", "| variant | composition |", "|---|---|"]
     lines += [f"| {s['variant']} | {s['composition']} |" for s in summary]
     lines += ["", "## Final values (mean over seeds; ± std)", ""]
@@ -878,10 +1040,15 @@ def _write(ex: Experiment, rows, summary, claims, out_dir: Path, seconds: float)
         lines += ["", "Own target / base target: E|y| under the variant's derived sequence-level target and under the "
                   "base composition's (— = no derived target)."]
     if claims:
-        lines += ["", "## Claims checked", "", "| claim | measured | against | holds |", "|---|---|---|---|"]
-        for c in claims:
-            lines.append(f"| {c['text']} ({c['variant']}: {c['metric']} {c['op']} …) | {_fmt(c['measured'])} | "
-                         f"{c['against']} = {_fmt(c['reference'])} | {'yes' if c['holds'] else '**no**'} |")
+        pct = f"{CLAIM_CONFIDENCE:.0%}"
+        lines += ["", "## Claims checked", "",
+                  f"| claim | measured (mean vs reference) | difference, {pct} CI | verdict |", "|---|---|---|---|"]
+        lines += ["| " + " | ".join(_claim_cells(c)) + " |" for c in claims]
+        lines += ["", f"Difference: measured − reference per seed (the same seed of both variants; final − initial "
+                  f"of the same seed for \"its initial value\"), mean over seeds with a {pct} Student-t interval "
+                  "(N − 1 degrees of freedom). Holds: the whole interval is on the claim's side of 0; does not hold: "
+                  "wholly on the other side; not resolved: the interval contains 0, one seed (no interval), or a tie (a "
+                  "difference of exactly 0 in every seed)."]
     if ex.notes:
         lines += ["", "## Notes", "", ex.notes.strip()]
     if figs:
@@ -930,6 +1097,78 @@ def run_experiment(ex: Experiment, out_dir=None, *, progress: bool = True, steps
     seconds = time.perf_counter() - t0
     summary = _summarise(ex, rows, ex.variants)
     _target_lengths(ex, summary, base_algo)
-    claims = _check_claims(ex, summary)
+    claims = _check_claims(ex, summary, rows)
     files = _write(ex, rows, summary, claims, out, seconds)
     return ExperimentResult(ex, rows, summary, claims, files, seconds)
+
+
+def _read_metrics_csv(ex: Experiment, path: Path) -> List[Dict[str, Any]]:
+    """The rows of a stored ``metrics.csv`` (floats parsed back exactly: ``csv`` wrote their ``repr``)."""
+    if not path.is_file():
+        raise InputError(f"{path}: no metrics.csv to rebuild the report from (run `udrra ablate` first)")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        want = ["variant", "seed", "step"] + list(ex.metrics)
+        if reader.fieldnames != want:
+            raise InputError(f"{path}: columns {reader.fieldnames} are not the experiment's {want} (the file was "
+                             "written by a different version of the experiment; re-run it)")
+        rows = [{"variant": r["variant"], "seed": int(r["seed"]), "step": int(r["step"]),
+                 **{m: float(r[m]) for m in ex.metrics}} for r in reader]
+    labels = [v.label for v in ex.variants]
+    found = list(dict.fromkeys(r["variant"] for r in rows))
+    if found != labels:
+        raise InputError(f"{path}: variants {found} are not the experiment's {labels}; re-run it")
+    return rows
+
+
+def report_from_results(experiment_path, out_dir=None, *, steps: Optional[int] = None) -> ExperimentResult:
+    """Rebuild ``summary.csv``, the claims and ``report.md`` from a stored ``metrics.csv`` without training.
+
+    The numbers are exactly those of the run that wrote ``metrics.csv`` (its floats round-trip); the seed count is
+    the file's (e.g. a ``--seeds 10`` run); the figures and ``metrics.csv`` are left as they are (the report links
+    the PNGs found in ``out_dir``), and the run time is kept from the old ``report.md`` when it states one.
+
+    Args:
+        experiment_path: the experiment TOML (variants, metrics, claims, notes).
+        out_dir: the run's output folder (default ``results/<name>``).
+        steps: the steps per run the stored run used, when not the file's (``--steps``).
+    Returns:
+        :class:`ExperimentResult` (``files``: ``summary.csv`` and ``report.md``; ``seconds``: the old run time or
+        NaN).
+    Raises:
+        ConfigError: from :func:`load_experiment`.
+        InputError: no ``metrics.csv``, or one whose columns, variants, seeds or last steps do not match the
+            experiment.
+    """
+    import re
+    ex = copy.copy(load_experiment(experiment_path))
+    if steps is not None:
+        ex.steps = int(steps)
+    out = Path(out_dir) if out_dir is not None else Path("results") / ex.name
+    mpath = out / "metrics.csv"
+    rows = _read_metrics_csv(ex, mpath)
+    seeds = sorted({r["seed"] for r in rows})
+    if seeds != list(range(len(seeds))):
+        raise InputError(f"{mpath}: seeds {seeds} are not 0 … N − 1")
+    ex.seeds = len(seeds)
+    for v in ex.variants:
+        # the last logged step is the number of steps taken: `steps`, or rounds × every with reference resets
+        ref = _variant_algorithm(ex, v).components.reference
+        want = (int(ref["every"]) * int(ref["rounds"]) if ref.get("update") == "reset_every" and ref.get("rounds")
+                else ex.steps)
+        for s in seeds:
+            last = [r["step"] for r in rows if r["variant"] == v.label and r["seed"] == s][-1]
+            if last != want:
+                raise InputError(f"{mpath}: variant {v.label!r} seed {s} ends at step {last}, not {want}: the run "
+                                 "used other steps (pass steps= / --steps)")
+    seconds = None
+    old = out / "report.md"
+    if old.is_file():
+        m = re.search(r"^- ran in ([0-9.]+) s ", old.read_text(), re.M)
+        if m:
+            seconds = float(m.group(1))
+    summary = _summarise(ex, rows, ex.variants)
+    _target_lengths(ex, summary, load(ex.base, ex.base_overrides))
+    claims = _check_claims(ex, summary, rows)
+    files = _write(ex, rows, summary, claims, out, seconds, figures=False)
+    return ExperimentResult(ex, rows, summary, claims, files, float("nan") if seconds is None else seconds)

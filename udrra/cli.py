@@ -154,20 +154,27 @@ def cmd_verify(args) -> int:
 
 
 def cmd_ablate(args) -> int:
-    from .ablate import load_experiment, run_experiment
+    from .ablate import claim_line, load_experiment, report_from_results, run_experiment
     experiments = [load_experiment(path) for path in args.experiments]  # validate every file before running
     if args.output_dir and len(experiments) > 1:
         raise UdrraError("--output-dir takes one experiment file (each experiment writes its own folder)")
-    for ex in experiments:
+    if args.report_only and args.seeds is not None:
+        raise UdrraError("--report-only takes the seeds from metrics.csv; drop --seeds")
+    for path, ex in zip(args.experiments, experiments):
         out = args.output_dir or str(Path(args.results) / ex.name)
-        res = run_experiment(ex, out, progress=not args.no_progress, steps=args.steps, seeds=args.seeds)
-        print(f"{ex.name}: {len(ex.variants)} variants × {ex.seeds} seeds in {res.seconds:.1f} s -> {out}/")
+        if args.report_only:
+            res = report_from_results(path, out, steps=args.steps)
+            print(f"{ex.name}: report rebuilt from {out}/metrics.csv ({len(ex.variants)} variants × "
+                  f"{res.experiment.seeds} seeds) -> {out}/")
+        else:
+            res = run_experiment(ex, out, progress=not args.no_progress, steps=args.steps, seeds=args.seeds)
+            print(f"{ex.name}: {len(ex.variants)} variants × {res.experiment.seeds} seeds in {res.seconds:.1f} s "
+                  f"-> {out}/")
         for s in res.summary:
             parts = [f"{m} {s[f'{m}_final']:.3g}" for m in ex.metrics]
             print(f"  {s['variant']:28s} " + "  ".join(parts))
         for c in res.claims:
-            print(f"  claim {'holds' if c['holds'] else 'DOES NOT hold'}: {c['text']} "
-                  f"({c['metric']} {c['measured']:.3g} {c['op']} {c['against']} {c['reference']:.3g})")
+            print("  " + claim_line(c))
     return 0
 
 
@@ -238,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="override the file's steps (quick runs)")
     p.add_argument("--seeds", type=int, default=None, help="override the file's seeds")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: rebuild summary.csv, the claims and report.md from the output folder's "
+                        "metrics.csv (figures are left as they are)")
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("train", help="train a language model with any composition (offline pairs or online RL)",
