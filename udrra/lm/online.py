@@ -39,7 +39,7 @@ from .producers import PAIR_LABELS, OnPolicy, OnPolicyPairs, PromptStream, Rollo
 from .rollout import Sampling, generate
 from .run import (DTYPES, atomic_run, check_output_dir, peak_rss_mb, resolve_algorithm, resolve_model, save_model,
                   setup, versions)
-from .runner import Checkpointing, StepRunner, check_fingerprint, find_checkpoint, read_checkpoint
+from .runner import Checkpointing, StepRunner, find_checkpoint, run_fingerprint
 
 __all__ = ["OnlineConfig", "ONLINE_SOURCES", "train_online", "evaluate_generations", "is_online"]
 
@@ -138,6 +138,7 @@ class OnlineConfig:
         if self.pair_labels not in PAIR_LABELS:
             raise InputError(f"pair_labels must be one of {', '.join(PAIR_LABELS)}, got {self.pair_labels!r}")
         self.sampling.validate()
+        Checkpointing.of(self)
         return self
 
     def as_dict(self) -> Dict[str, Any]:
@@ -340,22 +341,14 @@ def _runner(inp: _OnlineInputs, s: Any, producer: Any, evaluator: _GenerationEva
 
     fit_kwargs = dict(epochs=_epochs(algo), micro_batches=cfg.micro_batches if not algo.pair_based else 1,
                       estimate=lambda batch: estimate_global(algo, batch, s.world))
-    return StepRunner(s, algo, producer, evaluator, cfg, _checkpointing(cfg), out_dir, _fingerprint(inp, cfg, s),
+    fingerprint = run_fingerprint(algo, inp.model_name, s.world, cfg, prompts=inp.prompts.name,
+                                  reward=inp.reward.name)
+    return StepRunner(s, algo, producer, evaluator, cfg, Checkpointing.of(cfg), out_dir, fingerprint,
                       step_metrics=step_metrics,
                       log_extra=lambda: {"train/tokens_generated": producer.tokens_generated,
                                          "train/prompts_seen": producer.prompts.prompts_seen},
                       on_step=on_step, postfix=lambda m: {"reward": f"{m['reward']:.3f}", "kl": f"{m['kl_k1']:.3f}"},
                       progress=progress, fit_kwargs=fit_kwargs)
-
-
-def _checkpointing(cfg: Any) -> Checkpointing:
-    return Checkpointing(save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit, resume=cfg.resume,
-                         on_nonfinite=cfg.on_nonfinite)
-
-
-def _fingerprint(inp: _OnlineInputs, cfg: OnlineConfig, s: Any) -> Dict[str, Any]:
-    return {"algorithm": inp.algo.to_toml(), "model": inp.model_name, "prompts": inp.prompts.name,
-            "reward": inp.reward.name, "world_size": s.world.size, **cfg.as_dict()}
 
 
 def _make_critic(inp: _OnlineInputs, cfg: OnlineConfig) -> Any:
@@ -397,7 +390,6 @@ def train_online(algorithm: Any, model: Any, prompts: Any, reward: Any, *, outpu
     """
     t_start = time.time()
     cfg = (config or OnlineConfig()).validate()
-    _checkpointing(cfg).validate()
     world = World()
     out_dir = check_output_dir(output_dir, overwrite, cfg.resume)
     resume = find_checkpoint(cfg.resume) if cfg.resume else None
@@ -439,7 +431,6 @@ def _train_and_save(inp: _OnlineInputs, cfg: OnlineConfig, s: Any, critic: Any, 
     samples_path = tmp_dir / "samples.jsonl"
     runner = _runner(inp, s, producer, evaluator, cfg, out_dir, samples_path, show)
     if resume is not None:
-        check_fingerprint(read_checkpoint(resume)["fingerprint"], runner.fingerprint, resume)
         runner.resume(resume)
         if s.world.is_main and (resume / "samples.jsonl").is_file():
             shutil.copyfile(resume / "samples.jsonl", samples_path)
@@ -461,7 +452,7 @@ def _train_and_save(inp: _OnlineInputs, cfg: OnlineConfig, s: Any, critic: Any, 
                                                          "parameters": sum(p.numel() for p in critic.parameters())}},
         "prompts": {"summary": inp.prompts.describe(), **inp.prompts.info, "truncation": inp.truncation},
         "reward": {"name": inp.reward.name, "kind": inp.reward.kind},
-        "parallel": _parallel_info(s.world, cfg.batch_size, "prompts"),
+        "parallel": s.world.layout(cfg.batch_size, "prompts"),
         "eval_before": runner.state.eval_before, "eval_after": after,
         **runner.summary(),
         "prompts_seen": producer.prompts.prompts_seen, "tokens_generated": producer.tokens_generated,
@@ -474,12 +465,6 @@ def _train_and_save(inp: _OnlineInputs, cfg: OnlineConfig, s: Any, critic: Any, 
     if s.log_with:
         s.accelerator.end_training()
     return result
-
-
-def _parallel_info(world: World, batch_size: int, unit: str, accumulation: int = 1) -> Dict[str, Any]:
-    """``metrics.json``'s record of the data-parallel layout (transformers' convention)."""
-    return {"world_size": world.size, "batch_size_per_process": batch_size, "gradient_accumulation_steps": accumulation,
-            "global_batch_size": batch_size * world.size * accumulation, "unit": unit}
 
 
 def _print_online_header(inp: _OnlineInputs, s: Any, cfg: OnlineConfig, critic: Any) -> None:

@@ -54,6 +54,21 @@ class World:
         self.is_main = bool(state.is_main_process)
         self.device = state.device
 
+    @classmethod
+    def single(cls) -> "World":
+        """One process, without setting up accelerate (the default of the producers used on their own)."""
+        class _One:
+            process_index, num_processes, is_main_process, device = 0, 1, True, torch.device("cpu")
+
+        return cls(_One())
+
+    def layout(self, batch_size: int, unit: str, accumulation: int = 1) -> Dict[str, Any]:
+        """``metrics.json``'s record of the data-parallel layout (transformers' convention): processes, the batch
+        per process, accumulation steps and the global batch, in ``unit`` (pairs / prompts)."""
+        return {"world_size": self.size, "batch_size_per_process": batch_size,
+                "gradient_accumulation_steps": accumulation, "global_batch_size": batch_size * self.size * accumulation,
+                "unit": unit}
+
     # ----------------------------------------------------------------------------------------- sharding
 
     def shard(self, items: Sequence[Any]) -> List[Any]:

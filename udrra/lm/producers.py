@@ -93,10 +93,7 @@ class SeededOrder:
 def _one_process() -> Any:
     from .parallel import World
 
-    class _State:
-        process_index, num_processes, is_main_process, device = 0, 1, True, torch.device("cpu")
-
-    return World(_State())
+    return World.single()
 
 
 class OfflinePairs:

@@ -44,7 +44,7 @@ from ..loop import ReferenceUpdate, fit
 from .run import CHECKPOINTS, ClippedStep, mean_dicts
 
 __all__ = ["Checkpointing", "RunState", "StepRunner", "ON_NONFINITE", "MARKER", "find_checkpoint",
-           "read_checkpoint", "check_fingerprint", "stop_signals"]
+           "read_checkpoint", "run_fingerprint", "check_fingerprint", "stop_signals"]
 
 #: what a non-finite loss or gradient does: stop the run (default) or skip the update and count it
 ON_NONFINITE = ("stop", "skip")
@@ -71,7 +71,15 @@ class Checkpointing:
     resume: Optional[str] = None
     on_nonfinite: str = "stop"
 
+    @classmethod
+    def of(cls, cfg: Any) -> "Checkpointing":
+        """The validated options of a run's typed config (``save_steps``, ``save_total_limit``, ``resume``,
+        ``on_nonfinite``: :class:`udrra.lm.train.PairConfig`, :class:`udrra.lm.online.OnlineConfig`)."""
+        return cls(save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
+                   resume=None if cfg.resume is None else str(cfg.resume), on_nonfinite=cfg.on_nonfinite).validate()
+
     def validate(self) -> "Checkpointing":
+        """Raise :class:`InputError` naming the first bad option and what is valid."""
         if isinstance(self.save_steps, bool) or not isinstance(self.save_steps, int) or self.save_steps < 0:
             raise InputError(f"save_steps must be an integer >= 0 (0 = only when interrupted), got {self.save_steps!r}")
         if self.save_total_limit is not None and (not isinstance(self.save_total_limit, int)
@@ -116,6 +124,12 @@ def find_checkpoint(path: Any) -> Path:
 
 def read_checkpoint(path: Path) -> Dict[str, Any]:
     return json.loads((path / MARKER).read_text())
+
+
+def run_fingerprint(algo: Any, model_name: str, world: Any, cfg: Any, **inputs: str) -> Dict[str, Any]:
+    """What a resumed run must share with its checkpoint's run (:func:`check_fingerprint`): the algorithm file,
+    the model, the named inputs (data / prompts / reward), the number of processes and every config option."""
+    return {"algorithm": algo.to_toml(), "model": model_name, **inputs, "world_size": world.size, **cfg.as_dict()}
 
 
 def check_fingerprint(saved: Dict[str, Any], current: Dict[str, Any], path: Path) -> None:
@@ -229,7 +243,9 @@ class StepRunner:
     # ---------------------------------------------------------------------------------------- checkpoints
 
     def resume(self, path: Path) -> int:
-        """Load a checkpoint (:func:`find_checkpoint` found it and the fingerprint was checked); returns its step."""
+        """Load a checkpoint that :func:`find_checkpoint` found, after :func:`check_fingerprint` (InputError for a
+        checkpoint of another run); returns its step."""
+        check_fingerprint(read_checkpoint(path)["fingerprint"], self.fingerprint, path)
         self.s.accelerator.load_state(str(path))
         self.last_checkpoint = self.resumed_from = path
         return self.state.step
@@ -299,11 +315,13 @@ class StepRunner:
         self._bar.set_postfix(**self.postfix(sm))
         if self.on_step is not None:
             self.on_step(step)
-        if step % self.cfg.logging_steps == 0 or step == self.cfg.max_steps:
-            self._flush(step)
+        self._flush(step)
         return False
 
     def _flush(self, step: int) -> None:
+        """Log the window's mean metrics at the end of a logging window (every ``logging_steps`` and the last)."""
+        if step % self.cfg.logging_steps and step != self.cfg.max_steps:
+            return
         lm = {f"train/{k}": v for k, v in mean_dicts(self.state.window).items()}
         lm.update(self.log_extra())
         if self.state.skipped_steps:
@@ -323,8 +341,7 @@ class StepRunner:
         if self.ckpt.on_nonfinite == "skip":
             self.state.skipped_steps.append(step)
             self._bar.update(1)
-            if step % self.cfg.logging_steps == 0 or step == self.cfg.max_steps:
-                self._flush(step)
+            self._flush(step)
             return
         last = f"; the last checkpoint is {self.last_checkpoint}" if self.last_checkpoint else ""
         raise TrainingError(f"step {step}: {where}; the update was not applied and the run stopped (the model is as "
@@ -334,7 +351,7 @@ class StepRunner:
     def _end(self, step: int) -> bool:
         self.state.step = step
         signum = self._signals["signum"]
-        stop = self.world.any(signum is not None) if self.world.size > 1 else signum is not None
+        stop = self.world.any(signum is not None)                    # every process stops at the same step
         due = self.ckpt.save_steps and step % self.ckpt.save_steps == 0
         if due or stop:
             path = self.save(step)

@@ -44,7 +44,7 @@ from .parallel import World
 from .producers import OfflinePairs, batch_logps, pair_batch, to_device
 # the run around the loop lives in udrra.lm.run; the old private names stay importable from here
 from .run import atomic_run
-from .runner import ON_NONFINITE, Checkpointing, StepRunner, check_fingerprint, find_checkpoint, read_checkpoint
+from .runner import ON_NONFINITE, Checkpointing, StepRunner, find_checkpoint, run_fingerprint
 from .run import DTYPES as _DTYPES  # noqa: F401
 from .run import ClippedStep as _ClippedStep  # noqa: F401
 from .run import Session as _Session
@@ -154,6 +154,7 @@ class PairConfig:
             raise InputError(f"learning_rate must be a finite number > 0, got {lr!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise InputError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
+        Checkpointing.of(self)                      # save_steps, save_total_limit, on_nonfinite
         if not 1 <= self.max_prompt_length < self.max_length:
             raise InputError(f"need 1 <= max_prompt_length < max_length (every response keeps max_length - "
                              f"max_prompt_length tokens or more), got max_length={self.max_length}, "
@@ -491,7 +492,6 @@ def _run(inp: _Inputs, s: "_Session", cfg: "PairConfig", tmp_dir: Path, out_dir:
                             chunk_tokens=cfg.chunk_tokens, world=s.world)
     runner = _runner(inp, s, producer, evaluator, cfg, out_dir, show)
     if checkpoint is not None:
-        check_fingerprint(read_checkpoint(checkpoint)["fingerprint"], runner.fingerprint, checkpoint)
         runner.resume(checkpoint)
     else:
         runner.state.eval_before = evaluator(0)
@@ -556,10 +556,7 @@ def _run_info(inp: _Inputs, s: _Session, cfg: "PairConfig") -> Dict[str, Any]:
                  "eval_pairs_used": len(inp.eval_rows), "test_pairs": len(data.test),
                  "eval_rows": f"first {len(inp.eval_rows)} rows of the {data.info.get('eval_split', 'eval')} split"},
         "truncation": {"train": inp.tstats.as_dict(), "eval": inp.estats.as_dict()},
-        "parallel": {"world_size": s.world.size, "batch_size_per_process": cfg.batch_size,
-                     "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-                     "global_batch_size": cfg.batch_size * s.world.size * cfg.gradient_accumulation_steps,
-                     "unit": "pairs"},
+        "parallel": s.world.layout(cfg.batch_size, "pairs", cfg.gradient_accumulation_steps),
     }
 
 
@@ -637,10 +634,9 @@ def _runner(inp: "_Inputs", s: _Session, producer: OfflinePairs, evaluator: _Eva
                 "train/tokens_per_second": producer.tokens_seen / max(time.time() - t_start, 1e-9),
                 "train/pairs_seen": float(producer.pairs_seen)}
 
-    fingerprint = {"algorithm": inp.algo.to_toml(), "model": inp.model_name, "data": str(inp.data.name),
-                   "world_size": s.world.size, **cfg.as_dict()}
-    ckpt = Checkpointing(cfg.save_steps, cfg.save_total_limit, cfg.resume, cfg.on_nonfinite)
-    return StepRunner(s, inp.algo, producer, evaluator, cfg, ckpt, out_dir, fingerprint, step_metrics=step_metrics,
+    fingerprint = run_fingerprint(inp.algo, inp.model_name, s.world, cfg, data=str(inp.data.name))
+    return StepRunner(s, inp.algo, producer, evaluator, cfg, Checkpointing.of(cfg), out_dir, fingerprint,
+                      step_metrics=step_metrics,
                       log_extra=log_extra,
                       postfix=lambda m: {"loss": f"{m['loss']:.4f}", "acc": f"{m['reward_accuracy']:.2f}"},
                       progress=progress, fit_kwargs={"accumulate": cfg.gradient_accumulation_steps})
