@@ -5,6 +5,7 @@ import sympy as sp
 
 from proofs import dpo, grpo, ipo, iterated_dpo, kl_estimators, kl_regularised, label_noise, margin_losses
 from proofs import policy_gradient, token_level, udrra_equivalence
+from proofs import best_of_n, f_divergence, nca, orpo
 from proofs._common import K, all_zero, boltzmann, nonzero_somewhere, sigmoid
 
 
@@ -295,3 +296,172 @@ def test_12_token_level_rejects_wrong_claims():
     for n in (2, 3):
         assert nonzero_somewhere(tl.dr_grpo_finite_group_advantage(n, lambda R, m, n: R - m))
         assert nonzero_somewhere(tl.dr_grpo_finite_group_advantage(n, lambda R, m, n: (n - 1) * (R - m) / (n + 1)))
+
+
+# --------------------------------------------------------------------------------------- 13 f-DPO (Wang et al.)
+def _boltzmann_f(pi_ref, r, beta, lam, alpha):
+    """DPO's target π_ref·exp(r/β)/Z (reverse KL) — ignores λ, so it is rejected for every λ."""
+    return boltzmann(pi_ref, r, beta)
+
+
+def _forward_kl_f(pi_ref, r, beta, lam, alpha):
+    """β·π_ref/(λ − r): the forward-KL optimum (proof 7d), not the JS one."""
+    return [beta * p / (lam - ri) for p, ri in zip(pi_ref, r)]
+
+
+def _alpha_scaled(c):
+    def claim(pi_ref, r, beta, lam, alpha):
+        return f_divergence.f_optimum("alpha")(pi_ref, r, beta, lam, c * alpha)
+    return claim
+
+
+def _real_nonzero_at(residuals, values):
+    """Some residual is a real non-zero number at the point ``values`` (symbol name → number; other symbols 1/5)."""
+    for e in residuals:
+        v = complex(sp.N(e.subs({s: values.get(s.name, sp.Rational(1, 5)) for s in e.free_symbols}), 30))
+        if abs(v.imag) < 1e-20 and abs(v.real) > 1e-12:
+            return True
+    return False
+
+
+def test_13_f_dpo_targets():
+    for d in f_divergence.DIVERGENCES:
+        assert all_zero(f_divergence.f_prime_matches_generator(d)), d
+        assert all_zero(f_divergence.f_regularised_optimum_stationary(d)), d
+        assert all_zero(f_divergence.f_dpo_stationary(d)), d
+
+
+def test_13_f_divergence_rejects_wrong_generators():
+    fd = f_divergence
+    assert nonzero_somewhere(fd.f_prime_matches_generator("js", lambda u, a: sp.log(u / (1 + u))))
+    # TRL's f' with its coefficient read as the paper's α (α' = α instead of 1 − α)
+    assert nonzero_somewhere(fd.f_prime_matches_generator("alpha", lambda u, a: fd.trl_alpha_f_prime(u, a)))
+
+
+def _rejected_for_every_lambda(residuals):
+    """The Lagrange residuals g(y) − g(1) (λ eliminated) are non-zero, and their values do not move with λ — so
+    no normaliser λ makes the claim stationary (checked at two values of λ, the other symbols at 1/5)."""
+    diffs = residuals[:-1]
+    at = [[complex(sp.N(e.subs({s: (lam if s.name == "lambda" else sp.Rational(1, 5)) for s in e.free_symbols}), 30))
+           for e in diffs] for lam in (sp.Rational(1, 7), sp.Rational(5, 3))]
+    return nonzero_somewhere(diffs) and all(abs(a - b) < 1e-20 for a, b in zip(*at))
+
+
+def test_13_f_dpo_rejects_wrong_claims_js():
+    fd = f_divergence
+    res = fd.f_regularised_optimum_stationary("js", _boltzmann_f)
+    assert _rejected_for_every_lambda(res)
+    assert nonzero_somewhere(fd.f_regularised_optimum_stationary("js", _forward_kl_f))
+    for wrong in (_boltzmann_f, _forward_kl_f):
+        assert nonzero_somewhere(fd.f_dpo_stationary("js", wrong))
+
+
+def test_13_f_dpo_rejects_wrong_claims_alpha():
+    fd = f_divergence
+    assert _rejected_for_every_lambda(fd.f_regularised_optimum_stationary("alpha", _boltzmann_f))
+    assert nonzero_somewhere(fd.f_regularised_optimum_stationary("alpha", _alpha_scaled(sp.Rational(1, 2))))
+    for wrong in (_boltzmann_f, _alpha_scaled(sp.Rational(1, 2))):
+        assert nonzero_somewhere(fd.f_dpo_stationary("alpha", wrong))
+    # α → 2α: (1 − 2αz)^{−1/(2α)} is complex at the witness points (z ≥ 1/(2α) there), so also check a point
+    # inside its own domain (w > ½ ⇔ z < 1/(2α)) where the residual is real and non-zero
+    point = {"alpha": sp.Rational(1, 3), "w1": sp.Rational(3, 5), "w2": sp.Rational(7, 10), "w3": sp.Rational(4, 5),
+             "beta": sp.Rational(1, 2), "lambda": sp.Rational(1, 7)}
+    for proof in (fd.f_regularised_optimum_stationary, fd.f_dpo_stationary):
+        res = proof("alpha", _alpha_scaled(2))
+        assert nonzero_somewhere(res) and _real_nonzero_at(res, point)
+
+
+# ------------------------------------------------------------------------------------ 14 RAFT / best-of-n
+def test_14_best_of_n():
+    for n in (2, 3, 4):
+        assert all_zero(best_of_n.best_of_n_distribution(n))
+    for n in (2, 3):
+        assert all_zero(best_of_n.best_of_n_ties(n))
+    assert all_zero(best_of_n.mle_target_is_best_of_n())
+    for n in (2, 3, 4, 5):
+        assert all_zero(best_of_n.iterated_best_of_n_raises_top(n))
+
+
+def test_14_best_of_n_rejects_wrong_claims():
+    bn = best_of_n
+
+    def power_normalised(pi0, n):
+        return [p ** n / sp.Add(*[x ** n for x in pi0]) for p in pi0]
+
+    def cdf_power(pi0, n):
+        return [sp.Add(*pi0[: y + 1]) ** n for y in range(len(pi0))]
+
+    def one_fewer(pi0, n):
+        return bn.best_of_n(pi0, n - 1)
+
+    for n in (2, 3, 4):
+        for wrong in (power_normalised, cdf_power, one_fewer):
+            assert nonzero_somewhere(bn.best_of_n_distribution(n, wrong))
+    for n in (2, 3):
+        # ties split evenly, or broken by response index instead of draw order
+        assert nonzero_somewhere(bn.best_of_n_ties(n, lambda p, n, lv: [p[0] ** n, (1 - p[0] ** n) / 2,
+                                                                          (1 - p[0] ** n) / 2]))
+        assert nonzero_somewhere(bn.best_of_n_ties(n, lambda p, n, lv: bn.best_of_n(p, n)))
+    assert nonzero_somewhere(bn.mle_target_is_best_of_n(lambda p: [sp.Rational(1, 3)] * K))
+    assert nonzero_somewhere(bn.mle_target_is_best_of_n(lambda p: [x ** 2 / sp.Add(*[y ** 2 for y in p]) for x in p]))
+    for n in (3, 4):
+        assert nonzero_somewhere(bn.iterated_best_of_n_raises_top(n, lambda pi, n: bn.top_gain_factor(pi, n - 1)))
+    assert nonzero_somewhere(bn.iterated_best_of_n_raises_top(3, lambda pi, n: 1 - 2 * pi))   # Q = 2 − π, not 1 − 2π
+    assert bn.iterated_best_of_n_raises_top(3, lambda pi, n: 1 - 2 * pi)[1] == 1             # ... and not > 0
+
+
+# ------------------------------------------------------------------------------------------------ 15 ORPO
+def test_15_orpo_two_arm():
+    assert all_zero(orpo.orpo_two_arm_cubic())
+    assert all_zero(orpo.orpo_deterministic_label_has_no_interior_optimum())
+    # q = 3/4, λ = 1: the root lies strictly between the odds-ratio optimum σ(logit(q)/2) and q
+    p = sp.Symbol("p")
+    roots = [x for x in sp.Poly(orpo.orpo_cubic(p, sp.Rational(3, 4), 1), p).real_roots() if 0 < x < 1]
+    assert len(roots) == 1 and sp.sqrt(3) / (1 + sp.sqrt(3)) < roots[0] < sp.Rational(3, 4)
+
+
+def test_15_orpo_rejects_wrong_claims():
+    def dpo_answer(p, q, lam):
+        return p - q
+
+    def half_lambda(p, q, lam):
+        return orpo.orpo_cubic(p, q, lam / 2)
+
+    def flipped_sign(p, q, lam):
+        return orpo.orpo_cubic(p, q, -lam)
+
+    for wrong in (dpo_answer, half_lambda, flipped_sign):
+        assert nonzero_somewhere(orpo.orpo_two_arm_cubic(wrong))
+    det = orpo.orpo_deterministic_label_has_no_interior_optimum
+    assert nonzero_somewhere(det(lambda p, lam: -(1 - p) - lam * (1 - p) ** 2 / (p ** 2 + (1 - p) ** 2)))
+    res = det(lambda p, lam: (1 - 2 * p) - 2 * lam * (1 - p) ** 2 / (p ** 2 + (1 - p) ** 2))
+    assert nonzero_somewhere(res) and res[1] == 1                      # wrong, and not negative on (0, 1)
+
+
+# ------------------------------------------------------------------------------------------------- 16 NCA
+def test_16_nca():
+    assert all_zero(nca.nca_population_per_response())
+    assert all_zero(nca.nca_two_arm_stationary())
+    assert all_zero(nca.nca_two_arm_optimum())
+
+
+def test_16_nca_rejects_wrong_claims():
+    def no_half(u, beta, mu, q):
+        return sp.Add(*[nca.chosen_marginal(mu, q, y) * nca.softplus(-beta * u[y])
+                        + nca.appearance_marginal(mu, y) * nca.softplus(beta * u[y]) for y in range(K)])
+
+    def first_slot_only(u, beta, mu, q):
+        c = [sp.Add(*[mu[(y, j)] * q[(y, j)] for j in range(K) if j != y]) for y in range(K)]
+        return sp.Add(*[c[y] * nca.softplus(-beta * u[y])
+                        + nca.appearance_marginal(mu, y) * nca.softplus(beta * u[y]) / 2 for y in range(K)])
+
+    for wrong in (no_half, first_slot_only):
+        assert nonzero_somewhere(nca.nca_population_per_response(wrong))
+    assert nonzero_somewhere(nca.nca_two_arm_stationary(lambda p, q: p - q))            # right root, wrong polynomial
+    assert nonzero_somewhere(nca.nca_two_arm_stationary(lambda p, q: (p - q) * (4 * p ** 2 + 4 * p + 3)))
+    assert nonzero_somewhere(nca.nca_two_arm_optimum(lambda q, beta: q ** 2))
+    # at β = 2 the optimum is neither q nor DPO's σ(logit(q)/β)
+    dpo = lambda q, beta: sigmoid(sp.log(q / (1 - q)) / beta)                         # noqa: E731
+    assert all_zero(nca.nca_two_arm_optimum(dpo))                                       # β = 1: the same point
+    assert nonzero_somewhere(nca.nca_two_arm_optimum(beta=2))
+    assert nonzero_somewhere(nca.nca_two_arm_optimum(dpo, beta=2))

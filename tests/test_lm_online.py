@@ -227,7 +227,7 @@ def test_value_model_reads_the_state_before_each_response_token_whatever_the_pad
 # --------------------------------------------------------------------------------------------- end to end
 
 
-@pytest.mark.parametrize("name", ["ppo", "reinforce", "remax", "rloo", "grpo", "online_dpo", "dpo_iter"])
+@pytest.mark.parametrize("name", ["ppo", "reinforce", "remax", "rloo", "grpo", "online_dpo", "dpo_iter", "reinforce_pp"])
 def test_every_online_catalog_algorithm_trains_two_steps_and_saves_a_loadable_checkpoint(name, tmp_path):
     model, tok = model_tok()
     algo = udrra.load(name, {"source.n": 4} if name == "grpo" else {})
@@ -397,7 +397,7 @@ def test_cli_refuses_a_dataset_for_an_online_algorithm_and_prompts_for_an_offlin
 
 
 @pytest.mark.skipif(not os.environ.get("UDRRA_SLOW_TESTS"), reason="opt-in: UDRRA_SLOW_TESTS=1 (loads SmolLM2-135M)")
-@pytest.mark.parametrize("name", ["ppo", "reinforce", "remax", "rloo", "grpo", "online_dpo", "dpo_iter"])
+@pytest.mark.parametrize("name", ["ppo", "reinforce", "remax", "rloo", "grpo", "online_dpo", "dpo_iter", "reinforce_pp"])
 def test_smollm2_online_two_steps_on_tinystories_with_vader(name, tmp_path):
     from udrra.cli import main
     from udrra.lm.models import smollm2_folder

@@ -204,7 +204,7 @@ def test_policy_and_reference_logps_agree_with_sequence_logps_on_the_training_ba
     assert torch.equal(a.detach(), b)
 
 
-@pytest.mark.parametrize("name", ["dpo", "ipo", "cdpo", "rdpo", "hinge", "simpo"])
+@pytest.mark.parametrize("name", ["dpo", "ipo", "cdpo", "rdpo", "hinge", "simpo", "orpo", "fdpo_js", "fdpo_alpha", "nca"])
 def test_every_builtin_pair_based_algorithm_trains_one_step_through_its_own_loss(tmp_path, name):
     algo = udrra.load(name)
     fast = {**FAST, "kl_prompts": 0, "eval_pairs": 2}

@@ -229,7 +229,16 @@ def test_cli_sequence_json(capsys):
 
 
 # ----------------------------------------------------------------------------------------- property
-@pytest.mark.parametrize("name", udrra.catalog_names())
+#: sequence-level pair losses added with issue 11 whose sequence target is the bandit target over whole responses
+#: (udrra.sequence._via_view), already drawn by tests/test_catalog_properties.py: each runs on one fixed testbed in
+#: its own test file instead of drawn ones, to keep CI under 20 minutes. fdpo_alpha at its catalog β = 0.1 also
+#: converges slowly there (its link saturates at 1/α: 6,412 exact steps on P=2, V=2, L=3, seed 1, measured).
+#: orpo has no sequence target (length-normalised NLL and odds; tests/test_orpo.py checks that it says so).
+FIXED_SEQUENCE_ONLY = ("fdpo_js", "fdpo_alpha", "nca", "orpo")
+DRAWN = [n for n in udrra.catalog_names() if n not in FIXED_SEQUENCE_ONLY]
+
+
+@pytest.mark.parametrize("name", DRAWN)
 @settings(max_examples=4, suppress_health_check=[HealthCheck.too_slow])
 @given(P=st.integers(1, 2), V=st.integers(2, 3), L=st.integers(1, 3), seed=st.integers(0, 10_000))
 def test_exact_training_reaches_sequence_target_on_drawn_testbeds(name, P, V, L, seed):
@@ -245,7 +254,7 @@ def test_exact_training_reaches_sequence_target_on_drawn_testbeds(name, P, V, L,
 SEQ_SAMPLED_TOL = 3e-2
 
 
-@pytest.mark.parametrize("name", [n for n in udrra.catalog_names() if n not in ("hinge", "simpo")])
+@pytest.mark.parametrize("name", [n for n in DRAWN if n not in ("hinge", "simpo")])
 @settings(max_examples=1, suppress_health_check=[HealthCheck.too_slow])
 @given(P=st.integers(1, 2), V=st.integers(2, 3), L=st.integers(1, 3), seed=st.integers(0, 10_000),
        beta=st.floats(0.5, 2.0))

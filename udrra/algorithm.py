@@ -47,8 +47,9 @@ class Algorithm:
 
     @property
     def uses_reference(self) -> bool:
-        """False for reference kind ``none`` (no π_ref model is needed)."""
-        return self.components.reference.kind != "none"
+        """False for reference kinds ``none`` and ``chosen_nll`` (no π_ref model is needed)."""
+        from .components.reference import REFERENCE_FREE
+        return self.components.reference.kind not in REFERENCE_FREE
 
     # ---------------------------------------------------------------------------------------- loss
     def loss(self, batch: Union[PairBatch, SampleBatch]) -> LossOutput:

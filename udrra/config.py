@@ -35,12 +35,14 @@ REWARD_SOURCES = {
     "explicit": ("on_policy",),
     "reward_regression": ("offline_samples", "on_policy"),
     "reward_difference": ("offline_samples",),
+    "noise_contrastive": ("offline_pairs",),
 }
 REWARD_REFERENCES = {
-    "preference": ("log_ratio", "none"),
+    "preference": ("log_ratio", "none", "chosen_nll"),
     "explicit": ("kl_in_reward", "kl_in_loss", "none"),
     "reward_regression": ("log_ratio",),
     "reward_difference": ("log_ratio",),
+    "noise_contrastive": ("log_ratio",),
 }
 #: links whose parameter epsilon is required (and the only ones that accept it)
 EPSILON_LINKS = ("smoothed_logsigmoid", "robust")
@@ -190,8 +192,18 @@ def _check_composition(c: Dict[str, Component], display: str) -> Dict[str, Compo
         if link not in EPSILON_LINKS and eps is not None:
             raise ConfigError(f"{display}: [reward] epsilon only applies to links {', '.join(EPSILON_LINKS)}, "
                               f"not {link!r}")
-        if ref.kind == "none" and link == "forward_kl":
-            raise ConfigError(f"{display}: [reward] link 'forward_kl' needs the ratio π/π_ref; valid [reference] "
+        if ref.kind == "chosen_nll":
+            if link not in ("logsigmoid", "odds_ratio"):
+                raise ConfigError(f"{display}: [reference] kind 'chosen_nll' (NLL of the chosen response + λ·preference "
+                                  f"term) is derived for links logsigmoid and odds_ratio, not {link!r}")
+            if s.kind != "offline_pairs":
+                raise ConfigError(f"{display}: [reference] kind 'chosen_nll' needs [source] kind 'offline_pairs' (the "
+                                  f"NLL anchors the policy to a fixed dataset's chosen responses), got {s.kind!r}")
+        if link == "odds_ratio" and ref.kind not in reference_mod.REFERENCE_FREE:
+            raise ConfigError(f"{display}: [reward] link 'odds_ratio' takes the odds of P = π(y) (u = log π ≤ 0); valid "
+                              f"[reference] kinds for it: {', '.join(reference_mod.REFERENCE_FREE)}")
+        if ref.kind in reference_mod.REFERENCE_FREE and link in reward_mod.RATIO_LINKS:
+            raise ConfigError(f"{display}: [reward] link {link!r} needs the ratio π/π_ref; valid [reference] "
                               "kind for it: log_ratio")
         c["reward"] = Component("reward", rw.kind, {**rw.params, "link": link})
     else:
@@ -222,6 +234,11 @@ def _check_explicit(rw: Component, s: Component, ref: Component, display: str) -
         raise ConfigError(f"{display}: [reward] baseline {baseline!r} needs [source] n >= {spec.min_group} samples "
                           f"per prompt, got n = {s['n']}")
     given = {k for k in reward_mod.GAE_PARAMS if rw.get(k) is not None}
+    if baseline == reward_mod.RETURN_TO_GO and (ref.kind != "kl_in_reward" or ref.get("kl_return") != "sequence"):
+        raise ConfigError(f"{display}: [reward] baseline {baseline!r} (REINFORCE++) whitens the returns-to-go of the "
+                          "KL-shaped token rewards: it needs [reference] kind 'kl_in_reward' with kl_return = "
+                          f"'sequence', got {ref.kind!r}" + (f" with kl_return = {ref.get('kl_return')!r}"
+                                                             if ref.kind == "kl_in_reward" else ""))
     if baseline != reward_mod.GAE:
         if given:
             raise ConfigError(f"{display}: [reward] {', '.join(sorted(given))} only apply to baseline 'gae' (a "

@@ -21,7 +21,7 @@ from torch import Tensor
 from .batch import Normalisers, PairBatch, SampleBatch
 from .components import Components
 from .components import reward as reward_mod
-from .components.reference import implicit_logratio, kl_estimate
+from .components.reference import REFERENCE_FREE, implicit_logratio, kl_estimate
 from .components.reward import advantages, preference_loss, surrogate, value_loss
 from .components.source import AGGREGATIONS
 from .errors import InputError
@@ -58,11 +58,13 @@ def pair_loss(components: Components, batch: PairBatch) -> LossOutput:
         batch: a :class:`PairBatch` of B pairs.
     Returns:
         :class:`LossOutput`; metrics ``rewards/chosen`` and ``rewards/rejected`` (implicit rewards β·u, nats),
-        ``rewards/margin``, ``rewards/accuracy`` (ties count ½), ``logps/chosen``, ``logps/rejected``.
+        ``rewards/margin``, ``rewards/accuracy`` (ties count ½), ``logps/chosen``, ``logps/rejected``; ``nll``
+        (the chosen responses' NLL, nats[/token]) for a ``chosen_nll`` reference, whose loss per pair is
+        NLL + λ·preference term (ORPO Eq. 6).
     """
     t, _, rw, ref = components
     beta = float(t["beta"])
-    uses_ref = ref.kind != "none"
+    uses_ref = ref.kind not in REFERENCE_FREE
     norm = bool(ref.get("length_normalize"))
     u_w = implicit_logratio(batch.chosen_logps, batch.ref_chosen_logps, batch.chosen_lengths,
                             uses_reference=uses_ref, length_normalize=norm)
@@ -70,11 +72,18 @@ def pair_loss(components: Components, batch: PairBatch) -> LossOutput:
                             uses_reference=uses_ref, length_normalize=norm)
     if rw.kind == "preference":
         per_row = preference_loss(u_w, u_l, batch.labels, link=rw["link"], beta=beta,
-                                  gamma=float(ref.get("gamma") or 0.0), epsilon=rw.get("epsilon"))
+                                  gamma=float(ref.get("gamma") or 0.0), epsilon=rw.get("epsilon"),
+                                  alpha=t.get("alpha"))
+    elif rw.kind == "noise_contrastive":
+        per_row = reward_mod.nca_pair_loss(u_w, u_l, batch.labels, beta=beta)
     else:  # reward_difference (UDRRA RDA): regress β·(u_w − u_l) on r_w − r_l
         if batch.chosen_rewards is None or batch.rejected_rewards is None:
             raise InputError("reward_difference needs chosen_rewards and rejected_rewards in the PairBatch")
         per_row = (beta * (u_w - u_l) - (batch.chosen_rewards - batch.rejected_rewards)) ** 2
+    nll = None
+    if ref.kind == "chosen_nll":   # ORPO Eq. 6: −log π(y_w)[/|y_w|] + λ·preference term; labels = P(first is chosen)
+        nll = -(batch.labels * u_w + (1.0 - batch.labels) * u_l)
+        per_row = nll + float(ref["lam"]) * per_row
     w = batch.weights
     loss = (w * per_row).sum()
     margin = (beta * (u_w - u_l)).detach()
@@ -88,6 +97,8 @@ def pair_loss(components: Components, batch: PairBatch) -> LossOutput:
         "logps/chosen": _wmean(batch.chosen_logps, w),
         "logps/rejected": _wmean(batch.rejected_logps, w),
     }
+    if nll is not None:
+        metrics["nll"] = _wmean(nll, w)
     return LossOutput(loss, per_row.detach(), metrics)
 
 
@@ -152,7 +163,8 @@ def estimate(components: Components, batch: SampleBatch) -> SampleBatch:
     1. token rewards: the task reward r at each row's last response token; with ``kl_in_reward``, −β·k1_t on
        every token, k1_t = old_logps − ref_logps (the rollout policy's log-ratio).
     2. ``gae``: GAE(γ, λ) on the token rewards with the critic's rollout values (:func:`reward.gae`), whitened
-       if asked. Outcome baselines: R = Σ_t r_t (with ``kl_return = "token"``: R = r), A = baseline(R) per
+       if asked. ``whitened_return_to_go`` (REINFORCE++): G_t = Σ_{s≥t} r_s whitened over the batch's response
+       tokens (:func:`reward.returns_to_go`, :func:`reward.whiten`). Outcome baselines: R = Σ_t r_t (with ``kl_return = "token"``: R = r), A = baseline(R) per
        sequence, broadcast over its tokens (``kl_return = "token"`` then subtracts β·k1_t of each token).
 
     Args:
@@ -179,6 +191,9 @@ def estimate(components: Components, batch: SampleBatch) -> SampleBatch:
         if rw["whiten"]:
             adv = reward_mod.whiten(adv, m, batch.weights)
         return replace(batch, advantages=adv, returns=returns)
+    if rw["baseline"] == reward_mod.RETURN_TO_GO:   # REINFORCE++: whitened returns-to-go, no critic
+        returns = reward_mod.returns_to_go(token_rewards, m)
+        return replace(batch, advantages=reward_mod.whiten(returns, m, batch.weights), returns=returns)
     per_token_kl = ref.kind == "kl_in_reward" and ref["kl_return"] == "token"
     R = batch.rewards.detach() if per_token_kl else token_rewards.sum(-1)
     A = advantages(R, baseline=rw["baseline"], group=batch.group, weights=batch.weights,

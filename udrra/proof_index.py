@@ -84,6 +84,23 @@ PROOFS: Dict[str, Tuple[str, str]] = {
     "sequence_k3": ("proofs/token_level.py::sequence_k3_is_sequence_forward_kl",
                     "two-state tree, k3 of the sequence log-ratio once per response: stationary at "
                     "β·π_ref(y)/(λ − r(y)) over whole responses"),
+    "f_prime": ("proofs/f_divergence.py::f_prime_matches_generator",
+                "f' of Table 1's f (JS, α) and its inverse; TRL 1.16's α-divergence is the paper's with α' = 1 − α"),
+    "f_optimum": ("proofs/f_divergence.py::f_regularised_optimum_stationary",
+                  "max_π E_π[r] − β·E_π_ref[f(π/π_ref)] is attained at π_ref·(f')⁻¹((r − λ)/β) (f-DPO Thm 1; JS, α)"),
+    "f_dpo": ("proofs/f_divergence.py::f_dpo_stationary",
+              "the population f-DPO loss (Bradley–Terry labels, full-support μ) is stationary at that policy"),
+    "orpo_cubic": ("proofs/orpo.py::orpo_two_arm_cubic",
+                   "ORPO, two single-token arms, label frequency q: the optimum p solves (p − q)(p² + (1 − p)²) + "
+                   "2λ((1 − q)p² − q(1 − p)²) = 0 (checked against udrra's numerical target in tests)"),
+    "orpo_vertex": ("proofs/orpo.py::orpo_deterministic_label_has_no_interior_optimum",
+                    "ORPO with a deterministic label (q = 1): dL/dℓ < 0 on (0, 1), the optimum is the vertex"),
+    "nca_per_response": ("proofs/nca.py::nca_population_per_response",
+                         "the population pairwise NCA loss = Σ_y [c(y)·softplus(−β·u_y) + ½·m(y)·softplus(β·u_y)] "
+                         "(chosen and appearance marginals), the objective udrra's numerical target minimises"),
+    "nca_two_arm": ("proofs/nca.py::nca_two_arm_stationary",
+                    "NCA, two arms, uniform π_ref, β = 1, label frequency q: dL/dℓ·(1 + 2p)(3 − 2p) = "
+                    "(p − q)(4p² − 4p + 3), so the optimum is p = q"),
     "group_mean_finite_n": ("proofs/token_level.py::dr_grpo_finite_group_advantage",
                             "group of n (K = 2; n = 2, 3): the group-mean advantage averaged over the other n − 1 "
                             "draws is (n − 1)/n·(R(y) − E_π R), so at finite n β acts as β' = β·n/(n − 1)"),
@@ -108,6 +125,14 @@ def _keys(algorithm) -> Tuple[List[str], Optional[str]]:
             keys = ["ipo", "ipo_two_arm"]
         elif link == "forward_kl":
             return [], "f-DPO's forward-KL link β·π_ref/(λ − r̂) has no symbolic proof here"
+        elif ref.kind == "chosen_nll":
+            if link != "odds_ratio":
+                return [], "the chosen NLL with the logsigmoid link is solved numerically; no symbolic proof here"
+            keys = ["orpo_cubic", "orpo_vertex"]
+        elif link == "odds_ratio":
+            return [], "the odds-ratio link without the NLL term: σ(r̂/β + c) has no symbolic proof here"
+        elif link in ("js_divergence", "alpha_divergence"):
+            keys = ["f_prime", "f_optimum", "f_dpo"]
         elif ref.kind == "none":
             keys = ["simpo"]
         elif link == "smoothed_logsigmoid":
@@ -119,6 +144,8 @@ def _keys(algorithm) -> Tuple[List[str], Optional[str]]:
         if derived.kind == "iterated" or update == "reset_every":
             keys = ["iterated"] + keys
         return keys, None
+    if rw.kind == "noise_contrastive":
+        return ["nca_per_response", "nca_two_arm"], None
     if rw.kind == "reward_regression":
         return ["udrra", "ra_unique", "kl_optimum"], None
     if rw.kind == "reward_difference":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import List
 
-from .components.reward import BASELINE_TABLE, GAE, LINK_TABLE
+from .components.reward import BASELINE_TABLE, GAE, LINK_TABLE, RETURN_TO_GO, TOKEN_ESTIMATES
 from .proof_index import proofs_for, why_none
 
 _AGG_TEXT = {
@@ -32,17 +32,24 @@ def loss_lines(algorithm) -> List[str]:
     norm = "/|y|" if ref.get("length_normalize") else ""
     if rw.kind == "explicit":
         lines += _sample_loss_lines(algorithm)
-    elif ref.kind == "none":
+    elif ref.kind in ("none", "chosen_nll"):
         lines.append(f"u(y) = log π(y){norm}   (no reference model)")
     else:
         lines.append(f"u(y) = (log π(y) − log π_ref(y)){norm}")
     if rw.kind == "preference":
         link = LINK_TABLE[rw["link"]]
-        g = "−exp(−u)" if rw["link"] == "forward_kl" else "u"
+        g = link.g_text + (f", α = {t['alpha']}" if rw["link"] == "alpha_divergence" else "")
         gamma = ref.get("gamma") or 0.0
         lines.append(f"x = β·(g(u_w) − g(u_l))" + (f" − γ, γ = {gamma}" if gamma else "") + f",  g(u) = {g}")
         eps = f", ε = {rw['epsilon']}" if rw.get("epsilon") is not None else ""
-        lines.append(f"loss = E_(x, y_w, y_l)[ {link.formula} ]   (link {link.name}{eps}, β = {algorithm.beta})")
+        if ref.kind == "chosen_nll":
+            lines.append(f"loss = E_(x, y_w, y_l)[ −u(y_w) + λ·[{link.formula}] ]   (chosen NLL + λ·link {link.name}, "
+                         f"λ = {ref['lam']}, β = {algorithm.beta})")
+        else:
+            lines.append(f"loss = E_(x, y_w, y_l)[ {link.formula} ]   (link {link.name}{eps}, β = {algorithm.beta})")
+    elif rw.kind == "noise_contrastive":
+        lines.append(f"loss = E_(x, y_w, y_l)[ −log σ(β·u_w) − ½·log σ(−β·u_w) − ½·log σ(−β·u_l) ]   (NCA, "
+                     f"β = {algorithm.beta})")
     elif rw.kind == "reward_difference":
         lines.append(f"loss = E_(y, y' ∼ d)[ (β·(u(y) − u(y')) − (r(y) − r(y')))² ]   (β = {algorithm.beta})")
     elif rw.kind == "reward_regression":
@@ -65,7 +72,9 @@ def _sample_loss_lines(algorithm) -> List[str]:
                      f"β = {beta}")
     else:
         lines.append("r_t = r(x, y) at the last response token (EOS), 0 elsewhere")
-    if rw["baseline"] == GAE:
+    if rw["baseline"] == RETURN_TO_GO:
+        lines.append(TOKEN_ESTIMATES[RETURN_TO_GO])
+    elif rw["baseline"] == GAE:
         lines.append(f"A_t = GAE: δ_t = r_t + γ·V(s_t+1) − V(s_t), A_t = δ_t + γλ·A_t+1  (γ = {rw['gamma']}, "
                      f"λ = {rw['lam']}{', whitened over the batch' if rw['whiten'] else ''}); critic V learned")
     else:

@@ -705,6 +705,14 @@ def _derive_length_normalised(t, s, rw, ref, beta: float) -> DerivedTarget:
     if rw.kind == "preference" and rw["link"] == "hinge":
         raise TargetError("hinge link with length-normalised log-ratios: udrra checks hinge margins of the summed "
                           "log-ratio only, no target on sequences")
+    if ref.kind == "chosen_nll" or (rw.kind == "preference" and rw["link"] == "odds_ratio"):
+        raise TargetError("chosen NLL / odds-ratio terms with length-normalised log-probs: the per-token average "
+                          "probability is not a distribution over whole responses, no target on sequences (use "
+                          "length_normalize = false: the bandit target then applies to whole responses)")
+    if rw.kind == "preference" and rw["link"] in ("js_divergence", "alpha_divergence"):
+        raise TargetError(f"{rw['link']} link with length-normalised log-ratios: f'(ρ) of a per-token ratio is not "
+                          "derived on sequences (use length_normalize = false: the bandit target then applies to "
+                          "whole responses)")
     gamma = float(ref.get("gamma") or 0.0)
     no_ref = ref.kind == "none"
     link_name = rw["link"] if rw.kind == "preference" else None
@@ -800,6 +808,9 @@ def _derive_explicit(t, s, rw, ref, beta: float) -> DerivedTarget:
                              "the policy, all mass on the best response", _argmax_seq())
 
     normalised = baseline in ("group_norm", "batch_norm")
+    if baseline == "whitened_return_to_go" and length_weighted:
+        raise TargetError("whitened returns-to-go (REINFORCE++) with ω = 1/|y| (seq_mean_token_mean): the batch "
+                          "mean subtracted from every token no longer cancels, no derived target (use token_mean)")
     if kl_reward and not token_return:                                             # (i)
         if not length_weighted or baseline in _MEAN_BASELINES:
             why = ("ω constant: the stationarity forces R = r − β·log π/π_ref constant per prompt" if not

@@ -15,6 +15,11 @@ Kinds:
   regularisation, k2 the reverse KL, k3 the forward KL KL(π_ref‖π) — per state when applied per token.
 - ``none`` — no reference (SimPO, Meng et al. 2024 Eq. 6): u(y) = log π(y), optionally divided by the
   response length, with a target margin ``gamma``.
+- ``chosen_nll`` — no reference model; the negative log-likelihood of the chosen response, −log π(y_w)
+  (divided by |y_w| with ``length_normalize``), anchors the policy to the data instead, and the preference term
+  is weighted by ``lam``: loss = −log π(y_w)[/|y_w|] + λ·ℓ(x) (ORPO, Hong et al. 2403.07691 Eq. 6). The NLL is
+  the cross-entropy to the chosen responses' distribution c, i.e. KL(c‖π) up to a constant: the data's chosen
+  marginal takes π_ref's place as the regulariser.
 
 Update rules (parameter ``update``), applied by :class:`udrra.loop.ReferenceUpdate` in every world: ``frozen``
 (default), ``ema`` (π_ref's parameters ← decay·π_ref + (1−decay)·π_θ after every step; Xu et al. §5),
@@ -30,7 +35,7 @@ from typing import Callable, Dict
 import torch
 from torch import Tensor
 
-from . import KindSpec, Param, nonneg, positive_int, unit_open
+from . import KindSpec, Param, nonneg, positive, positive_int, unit_open
 
 UPDATE_RULES = ("frozen", "ema", "reset_every")
 
@@ -42,6 +47,9 @@ _update_params = (
     Param("rounds", int, None, "rounds of `every` steps the derived target assumes (π_k after k = rounds "
           "rounds); the testbeds run rounds × every steps (update = 'reset_every')", check=positive_int),
 )
+
+#: reference kinds that use no π_ref model (u = log π)
+REFERENCE_FREE = ("none", "chosen_nll")
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 KL_RETURNS = ("sequence", "token")
@@ -62,6 +70,12 @@ KINDS: Dict[str, KindSpec] = {
         Param("level", str, "token", "'token': β·k(d_t) on every token (GRPO as implemented); 'sequence': "
               "β·k(Σ_t d_t) once per response (Tang & Munos 2506.09477)", choices=KL_LEVELS),
         *_update_params)),
+    "chosen_nll": KindSpec("chosen_nll", "no reference model; NLL of the chosen response + λ·preference term (ORPO)", (
+        Param("lam", float, 0.1, "weight λ of the preference term against the chosen NLL (ORPO Eq. 6; TRL's beta)",
+              check=positive),
+        Param("length_normalize", bool, True, "average log-probs per token (u = log π/|y|) in both terms, as ORPO"),
+        Param("update", str, "frozen", "must stay 'frozen': there is no reference to update", choices=("frozen",)),
+    )),
     "none": KindSpec("none", "no reference model: u = log π (SimPO)", (
         Param("length_normalize", bool, True, "divide log π by the response length in tokens"),
         Param("gamma", float, 0.0, "target reward margin γ subtracted inside the link", check=nonneg),

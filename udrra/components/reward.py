@@ -14,7 +14,16 @@ Kinds:
   ``squared``                   ((x − ½)/β)² = (h − 1/2β)²  q                           IPO Eq. 17
   ``hinge``                     max(0, 1 − x)               q                           SLiC/RSO (2309.06657)
   ``forward_kl``                −log σ(x), g(u) = −e^{−u}   q                           f-DPO (2309.16240)
+  ``js_divergence``             −log σ(x), g = log 2 + log σ(u)  q                      f-DPO Table 1 (JS)
+  ``alpha_divergence``          −log σ(x), g = (1 − e^{−αu})/α   q                      f-DPO Table 1 (α)
+  ``odds_ratio``                −log σ(x), g = u − log(1 − e^u)  q                      ORPO Eq. 7 (log odds)
   ============================  ==========================  ==========================  =====================
+
+  The f-DPO links (Wang et al. 2309.16240, Thm 1) apply g = f' of the divergence's f to the ratio π/π_ref,
+  written in u = log π/π_ref: reverse KL f'(ρ) = log ρ (DPO), forward KL 1 − 1/ρ, Jensen–Shannon log(2ρ/(1 + ρ)),
+  α-divergence (1 − ρ^{−α})/α with α ∈ (0, 1) (the paper's α; TRL 1.16's ``f_alpha_divergence_coef`` is 1 − α).
+  Additive constants of g cancel in the difference. α is the ``[target] alpha`` of an ``alpha_divergence``
+  target: it defines the regulariser, and the link follows it.
 
   A pair whose chosen response is preferred with probability q costs
   q_eff·ℓ(x₊) + (1 − q_eff)·ℓ(x₋), x₊ = β(g_w − g_l) − γ, x₋ = β(g_l − g_w) − γ (q = 1 for dataset rows).
@@ -23,7 +32,11 @@ Kinds:
   ``group_mean`` (Dr. GRPO: r − mean in the group), ``group_norm`` (GRPO: (r − mean)/std in the group),
   ``batch_norm`` (advantage normalisation over the batch) — outcome baselines, one advantage per sequence,
   broadcast over its tokens — or ``gae`` (a learned critic V and generalised advantage estimation per token,
-  with ``gamma``, ``lam``, ``value_coef``, ``value_clip``, ``whiten``; Schulman et al. 2016).
+  with ``gamma``, ``lam``, ``value_coef``, ``value_clip``, ``whiten``; Schulman et al. 2016), or
+  ``whitened_return_to_go`` (REINFORCE++, Hu 2501.03262: per token the return-to-go G_t = Σ_{s≥t} r_s, γ = 1, of
+  the KL-shaped token rewards, whitened over the batch's response tokens; no critic).
+- ``noise_contrastive`` — NCA, pairwise form (Chen et al. 2402.05369; TRL ``nca_pair``): logistic terms on each
+  response's own implicit reward β·u, not on the difference: −log σ(β·u_w) − ½·log σ(−β·u_w) − ½·log σ(−β·u_l).
 - ``reward_regression`` — UDRRA RA: (β·u + β·log Z − r)² (needs log Z).
 - ``reward_difference`` — UDRRA RDA: (β·(u_w − u_l) − (r_w − r_l))² (log Z cancels; REBEL-style).
 """
@@ -32,7 +45,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from itertools import combinations
 from typing import Callable, Dict, Optional
@@ -44,8 +57,12 @@ from torch import Tensor
 from ..errors import InputError
 from . import KindSpec, Param, half_open, nonneg, positive
 
-LINKS = ("logsigmoid", "smoothed_logsigmoid", "robust", "squared", "hinge", "forward_kl")
-_BASELINE_NAMES = ("none", "greedy", "leave_one_out", "group_mean", "group_norm", "batch_norm", "gae")
+LINKS = ("logsigmoid", "smoothed_logsigmoid", "robust", "squared", "hinge", "forward_kl", "js_divergence",
+         "alpha_divergence", "odds_ratio")
+#: links that transform the ratio π/π_ref (f-DPO): they need a reference
+RATIO_LINKS = ("forward_kl", "js_divergence", "alpha_divergence")
+_BASELINE_NAMES = ("none", "greedy", "leave_one_out", "group_mean", "group_norm", "batch_norm", "gae",
+                   "whitened_return_to_go")
 
 def _unit_closed(v) -> Optional[str]:
     return None if 0.0 <= v <= 1.0 else "must be in [0, 1]"
@@ -70,6 +87,8 @@ KINDS: Dict[str, KindSpec] = {
         Param("whiten", bool, None, "whiten GAE advantages over the batch's tokens (baseline = 'gae'; "
               "default false)"),
     )),
+    "noise_contrastive": KindSpec("noise_contrastive", "NCA pairwise: −log σ(β·u_w) − ½·log σ(−β·u_w) − ½·log σ(−β·u_l)",
+                                  ()),
     "reward_regression": KindSpec("reward_regression", "UDRRA RA: MSE of β·u + β·log Z to r", ()),
     "reward_difference": KindSpec("reward_difference", "UDRRA RDA: MSE of β·(u_w − u_l) to r_w − r_l", ()),
 }
@@ -78,19 +97,41 @@ KINDS: Dict[str, KindSpec] = {
 GAE_PARAMS = {"gamma": 1.0, "lam": 0.95, "value_coef": 0.1, "value_clip": None, "whiten": False}
 
 #: reward kinds that consume pairs of responses (PairBatch); the others consume SampleBatch.
-PAIR_KINDS = ("preference", "reward_difference")
+PAIR_KINDS = ("preference", "reward_difference", "noise_contrastive")
+
+
+def nca_pair_loss(u_first: Tensor, u_second: Tensor, labels: Tensor, *, beta: float) -> Tensor:
+    """NCA's pairwise loss (Chen et al. 2024, arXiv:2402.05369, §3 pairwise NCA; TRL ``loss_type="nca_pair"``).
+
+    Args:
+        u_first, u_second: ``(B,)`` float, u = log π/π_ref of the two responses (nats).
+        labels: ``(B,)`` P(first is the chosen one) (1 for dataset rows). beta: β > 0.
+    Returns:
+        ``(B,)``: E_label[−log σ(β·u_w) − ½·log σ(−β·u_w) − ½·log σ(−β·u_l)] =
+        q·softplus(−β·u_1) + (1 − q)·softplus(−β·u_2) + ½·softplus(β·u_1) + ½·softplus(β·u_2).
+    """
+    x1, x2 = beta * u_first, beta * u_second
+    return (labels * F.softplus(-x1) + (1.0 - labels) * F.softplus(-x2)
+            + 0.5 * F.softplus(x1) + 0.5 * F.softplus(x2))
 
 
 # ------------------------------------------------------------------------------------------------ links
 @dataclass(frozen=True)
 class Link:
-    """A preference link: base loss ℓ(x), label map q → q_eff, and transform g applied to u before differencing."""
+    """A preference link: base loss ℓ(x), label map q → q_eff, and transform g applied to u before differencing.
+
+    ``transform(u, alpha)`` is g; ``g_text`` how ``udrra show`` writes it; ``inverse(z, alpha)`` is g⁻¹ (numpy, for
+    the target: u = g⁻¹(v + c)) and ``sup(alpha)`` the supremum of g's range (g⁻¹ is defined below it), both
+    ``None`` for links whose target is not of the form π_ref·exp(g⁻¹(v + c))."""
 
     name: str
     loss: Callable[[Tensor, float], Tensor]           # (x, beta) -> elementwise loss
     label_map: Callable[[Tensor, Optional[float]], Tensor]
-    transform: Callable[[Tensor], Tensor]
+    transform: Callable[[Tensor, Optional[float]], Tensor]
     formula: str
+    g_text: str = "u"
+    inverse: Optional[Callable] = None
+    sup: Optional[Callable[[Optional[float]], float]] = None
 
 
 def _identity_labels(q: Tensor, eps: Optional[float]) -> Tensor:
@@ -117,12 +158,50 @@ def _hinge(x: Tensor, beta: float) -> Tensor:
     return torch.relu(1.0 - x)
 
 
-def _ident(u: Tensor) -> Tensor:
+def _ident(u: Tensor, alpha: Optional[float] = None) -> Tensor:
     return u
 
 
-def _neg_inv_ratio(u: Tensor) -> Tensor:
-    return -torch.exp(-u)
+def _neg_inv_ratio(u: Tensor, alpha: Optional[float] = None) -> Tensor:
+    return -torch.exp(-u)                              # f'(ρ) = 1 − 1/ρ up to the constant 1
+
+
+def _js(u: Tensor, alpha: Optional[float] = None) -> Tensor:
+    return math.log(2.0) + F.logsigmoid(u)             # f'(ρ) = log(2ρ/(1 + ρ)) = log 2 + log σ(log ρ)
+
+
+def _alpha(u: Tensor, alpha: Optional[float] = None) -> Tensor:
+    return -torch.expm1(-alpha * u) / alpha            # f'(ρ) = (1 − ρ^{−α})/α
+
+
+def _log_odds(u: Tensor, alpha: Optional[float] = None) -> Tensor:
+    return u - torch.log(-torch.expm1(u))              # log(P/(1 − P)), P = e^u ≤ 1 (ORPO Eq. 7)
+
+
+# g⁻¹ (numpy arrays, z below sup g) for the target u = g⁻¹(v + c)
+def _inv_log_odds(z, alpha=None):
+    import numpy as np
+    return -np.logaddexp(0.0, -z)                      # u = log σ(z)
+
+
+def _inv_ident(z, alpha=None):
+    return z
+
+
+def _inv_neg_inv_ratio(z, alpha=None):
+    import numpy as np
+    return -np.log(-z)
+
+
+def _inv_js(z, alpha=None):
+    import numpy as np
+    half = np.exp(z) / 2.0                             # σ(u) = e^z/2  ⇒  u = logit(e^z/2)
+    return np.log(half) - np.log1p(-half)
+
+
+def _inv_alpha(z, alpha=None):
+    import numpy as np
+    return -np.log1p(-alpha * z) / alpha               # 1 − e^{−αu} = αz
 
 
 LINK_TABLE: Dict[str, Link] = {
@@ -133,12 +212,24 @@ LINK_TABLE: Dict[str, Link] = {
     "squared": Link("squared", _squared, _identity_labels, _ident, "(h − 1/(2β))², h = x/β"),
     "hinge": Link("hinge", _hinge, _identity_labels, _ident, "max(0, 1 − x)"),
     "forward_kl": Link("forward_kl", _logistic, _identity_labels, _neg_inv_ratio,
-                       "−log σ(x), x = β·(f'(ρ_w) − f'(ρ_l)), f'(ρ) = −1/ρ"),
+                       "−log σ(x), x = β·(f'(ρ_w) − f'(ρ_l)), f'(ρ) = −1/ρ", "−exp(−u)", _inv_neg_inv_ratio,
+                       lambda alpha: 0.0),
+    "js_divergence": Link("js_divergence", _logistic, _identity_labels, _js,
+                          "−log σ(x), x = β·(f'(ρ_w) − f'(ρ_l)), f'(ρ) = log(2ρ/(1 + ρ))", "log 2 + log σ(u)",
+                          _inv_js, lambda alpha: math.log(2.0)),
+    "alpha_divergence": Link("alpha_divergence", _logistic, _identity_labels, _alpha,
+                             "−log σ(x), x = β·(f'(ρ_w) − f'(ρ_l)), f'(ρ) = (1 − ρ^(−α))/α", "(1 − exp(−α·u))/α",
+                             _inv_alpha, lambda alpha: 1.0 / alpha),
+    "odds_ratio": Link("odds_ratio", _logistic, _identity_labels, _log_odds,
+                       "−log σ(x), x = β·(log odds(y_w) − log odds(y_l)), odds = P/(1 − P), P = e^u",
+                       "u − log(1 − exp(u))  (log odds of P = e^u)", _inv_log_odds, lambda alpha: float("inf")),
 }
+for _name in ("logsigmoid", "smoothed_logsigmoid", "robust", "squared"):
+    LINK_TABLE[_name] = replace(LINK_TABLE[_name], inverse=_inv_ident, sup=lambda alpha: float("inf"))
 
 
 def preference_loss(u_chosen: Tensor, u_rejected: Tensor, labels: Tensor, *, link: str, beta: float,
-                    gamma: float = 0.0, epsilon: Optional[float] = None) -> Tensor:
+                    gamma: float = 0.0, epsilon: Optional[float] = None, alpha: Optional[float] = None) -> Tensor:
     """Per-pair preference loss (GPO family).
 
     Args:
@@ -146,11 +237,16 @@ def preference_loss(u_chosen: Tensor, u_rejected: Tensor, labels: Tensor, *, lin
         labels: ``(B,)`` float in [0, 1], probability that the chosen response is preferred.
         link: one of :data:`LINKS`. beta: temperature β > 0. gamma: margin γ ≥ 0 (SimPO).
         epsilon: smoothing / flip rate for ``smoothed_logsigmoid`` / ``robust``.
+        alpha: α ∈ (0, 1) of the ``alpha_divergence`` link (f-DPO Table 1).
     Returns:
         ``(B,)`` float: q_eff·ℓ(x₊) + (1 − q_eff)·ℓ(x₋).
+    Raises:
+        InputError: ``alpha_divergence`` without ``alpha``.
     """
     spec = LINK_TABLE[link]
-    g_w, g_l = spec.transform(u_chosen), spec.transform(u_rejected)
+    if link == "alpha_divergence" and alpha is None:
+        raise InputError("the 'alpha_divergence' link needs alpha in (0, 1) (the [target] alpha)")
+    g_w, g_l = spec.transform(u_chosen, alpha), spec.transform(u_rejected, alpha)
     delta = beta * (g_w - g_l)
     q = spec.label_map(labels, epsilon)
     x_pos, x_neg = delta - gamma, -delta - gamma
@@ -393,7 +489,15 @@ BASELINE_TABLE: Dict[str, Baseline] = {b.name: b for b in (
 )}
 #: the ``gae`` estimate is not an outcome baseline: it needs a critic and acts per token
 GAE = "gae"
-BASELINES = tuple(BASELINE_TABLE) + (GAE,)
+#: REINFORCE++'s estimate acts per token too (returns-to-go), without a critic
+RETURN_TO_GO = "whitened_return_to_go"
+#: per-token estimates (see :func:`udrra.loss.estimate`), with the formula ``udrra show`` prints
+TOKEN_ESTIMATES = {
+    GAE: "GAE(γ, λ) with a learned critic V",
+    RETURN_TO_GO: "A_t = whiten(G_t) over the batch's response tokens, G_t = Σ_{s≥t} r_s (γ = 1; REINFORCE++, Hu "
+                  "2501.03262 §3; OpenRLHF masked_whiten)",
+}
+BASELINES = tuple(BASELINE_TABLE) + (GAE, RETURN_TO_GO)
 
 
 def advantages(rewards: Tensor, *, baseline: str, group: Tensor, weights: Tensor, population: bool,
@@ -427,7 +531,7 @@ def advantages(rewards: Tensor, *, baseline: str, group: Tensor, weights: Tensor
     spec = BASELINE_TABLE.get(baseline)
     if spec is None:
         raise InputError(f"unknown outcome baseline {baseline!r}; valid: {', '.join(BASELINE_TABLE)} "
-                         f"('{GAE}' needs per-token values: use gae())")
+                         f"('{GAE}' and '{RETURN_TO_GO}' act per token: use udrra.loss.estimate)")
     return spec.fn(rewards.detach(), group, weights, population, greedy_rewards, eps,
                    group_size=group_size if population else None)
 
@@ -457,6 +561,13 @@ def gae(token_rewards: Tensor, values: Tensor, response_mask: Tensor, *, gamma: 
         running = (delta + gamma * lam * alive * running) * m[:, t]  # Â_t = δ_t + γλ·Â_{t+1}            (Eq. 16)
         adv[:, t] = running
     return adv, (adv + v) * m
+
+
+def returns_to_go(token_rewards: Tensor, response_mask: Tensor) -> Tensor:
+    """G_t = Σ_{s≥t} r_s over each row's response tokens (γ = 1), 0 at padding: the REINFORCE++ return (Hu
+    2501.03262 Eq. 2 with γ = 1; GAE with V = 0 and λ = 1). Shapes ``(B, T)`` → ``(B, T)``."""
+    r = token_rewards.detach() * response_mask
+    return torch.flip(torch.cumsum(torch.flip(r, [1]), 1), [1]) * response_mask
 
 
 def whiten(x: Tensor, mask: Tensor, weights: Tensor, eps: float = 1e-8) -> Tensor:

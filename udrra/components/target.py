@@ -29,7 +29,7 @@ from scipy.optimize import brentq
 from torch import Tensor
 
 from ..errors import TargetError
-from . import KindSpec, Param, nonneg, positive
+from . import KindSpec, Param, nonneg, positive, unit_open
 from .reward import LINK_TABLE
 from .source import pair_labels
 
@@ -40,6 +40,16 @@ KINDS: Dict[str, KindSpec] = {
         Param("beta", float, doc="temperature β (= IPO's τ) > 0", check=positive),
         Param("psi", str, "identity", "the map ψ of preference probabilities", choices=("identity",)))),
     "forward_kl": KindSpec("forward_kl", "β·π_ref/(λ − r) (forward-KL regularised)", (
+        Param("beta", float, doc="temperature β > 0", check=positive),)),
+    "js_divergence": KindSpec("js_divergence", "π_ref·(f')⁻¹((r − λ)/β), f' of Jensen–Shannon (f-DPO)", (
+        Param("beta", float, doc="temperature β > 0", check=positive),)),
+    "alpha_divergence": KindSpec("alpha_divergence", "π_ref·(1 − α(r − λ)/β)^(−1/α) (α-divergence, f-DPO)", (
+        Param("beta", float, doc="temperature β > 0", check=positive),
+        Param("alpha", float, 0.5, "α of the α-divergence, in (0, 1) (→ 0: reverse KL, → 1: forward KL; "
+              "Wang et al. 2309.16240 Table 1)", check=unit_open))),
+    "odds_ratio": KindSpec("odds_ratio", "the ORPO optimum: chosen NLL + λ·odds-ratio preference term (numerical)", (
+        Param("beta", float, 1.0, "scale β of the log-odds difference inside the link (ORPO: 1)", check=positive),)),
+    "noise_contrastive": KindSpec("noise_contrastive", "the NCA optimum: per-response logistic terms on β·u (numerical)", (
         Param("beta", float, doc="temperature β > 0", check=positive),)),
     "argmax": KindSpec("argmax", "all mass on argmax r (unregularised)", (
         Param("beta", float, 0.0, "KL coefficient, if a reference term uses one", check=nonneg),)),
@@ -52,6 +62,10 @@ TARGET_LINKS = {
     "boltzmann": ("logsigmoid", "smoothed_logsigmoid", "robust"),
     "psi": ("squared",),
     "forward_kl": ("forward_kl",),
+    "js_divergence": ("js_divergence",),
+    "alpha_divergence": ("alpha_divergence",),
+    "odds_ratio": ("odds_ratio",),
+    "noise_contrastive": (),
     "margin": ("hinge",),
     "argmax": (),
 }
@@ -60,6 +74,7 @@ TARGET_FOR_REWARD = {
     "explicit": ("boltzmann", "forward_kl", "argmax"),
     "reward_regression": ("boltzmann",),
     "reward_difference": ("boltzmann",),
+    "noise_contrastive": ("noise_contrastive",),
 }
 
 
@@ -108,6 +123,45 @@ def inverse_family(ref: Tensor, v: Tensor) -> Tensor:
         lam = brentq(excess, top + gap, hi, xtol=1e-300, rtol=1e-15, maxiter=1000)
         out[p] = rp / (lam - vp)
     return out / out.sum(-1, keepdim=True)
+
+
+def f_family(ref: Tensor, v: Tensor, link, alpha: Optional[float] = None) -> Tensor:
+    """π = π_ref·exp(g⁻¹(v + c)) per prompt, c chosen so that Σπ = 1: the f-DPO target (Wang et al. 2309.16240,
+    Thm 1: f'(π/π_ref) = (r − λ)/β with g = f' written in u = log π/π_ref and v = r̂/β the pairwise fit).
+
+    ref, v: ``(P, K)``; link: a :class:`udrra.components.reward.Link` with ``inverse`` and ``sup``. Σπ is increasing
+    in c, → 0 as c → −∞ and → ∞ as c → sup g − max v, so one root (scipy ``brentq``). Returns ``(P, K)`` float64.
+    """
+    import numpy as np
+    top = link.sup(alpha)
+    out = torch.empty_like(ref, dtype=torch.float64)
+    for p in range(ref.shape[0]):
+        rp, vp = ref[p].double().numpy(), v[p].double().numpy()
+        supp = rp > 0
+        vmax = float(vp[supp].max())
+
+        def log_mass(c: float) -> float:
+            z = np.log(rp[supp]) + link.inverse(vp[supp] + c, alpha)
+            m = z.max()
+            return float(m + np.log(np.exp(z - m).sum()))
+        hi = top - vmax
+        if not np.isfinite(hi):
+            hi = 1.0
+            while log_mass(hi) < 0:
+                hi *= 2.0
+        else:
+            gap = 1.0
+            while log_mass(hi - gap) < 0 and gap > 1e-300:
+                gap *= 1e-3
+            hi = hi - gap
+        lo = hi - 1.0
+        while log_mass(lo) > 0:
+            lo = hi - 2.0 * (hi - lo)
+        c = brentq(log_mass, lo, hi, xtol=1e-300, rtol=1e-15, maxiter=1000)
+        row = np.zeros_like(rp)
+        row[supp] = np.exp(np.log(rp[supp]) + link.inverse(vp[supp] + c, alpha))
+        out[p] = torch.as_tensor(row / row.sum())
+    return out
 
 
 def argmax_policy(r: Tensor) -> Tensor:
@@ -486,6 +540,8 @@ def _derive_frozen(t, s, rw, ref, beta: float) -> DerivedTarget:
     declared = t.kind
     if rw.kind == "preference":
         return _derive_preference(t, s, rw, ref, beta)
+    if rw.kind == "noise_contrastive":
+        return _derive_nca(s, rw, beta)
     if rw.kind in ("reward_regression", "reward_difference"):
         return DerivedTarget("boltzmann", "π_ref·exp(r/β)/Z", None,
                              lambda b: boltzmann(b.pi_ref, b.reward_matrix() / beta))
@@ -591,6 +647,156 @@ def _derive_frozen(t, s, rw, ref, beta: float) -> DerivedTarget:
     return DerivedTarget(kind, formula, note, solve)
 
 
+def _pair_data(s, rw, b):
+    """Pair weights M ``(P, K, K)`` and effective labels Q = P(i ≻ j) ``(P, K, K)`` of the source on bandit b."""
+    M = _pair_weights(s, b)
+    P, K = b.pi_ref.shape
+    i, j = torch.meshgrid(torch.arange(K), torch.arange(K), indexing="ij")
+    Q = torch.stack([pair_labels(s, b, torch.full((K * K,), p), i.flatten(), j.flatten()).reshape(K, K)
+                     for p in range(P)])
+    return M, LINK_TABLE[rw["link"]].label_map(Q, rw.get("epsilon"))
+
+
+def nll_regularised_fit(M: Tensor, Q: Tensor, *, beta: float, lam: float, link: str) -> Tensor:
+    """Minimise, per prompt, F(π) = −Σ_y c(y)·log π(y) + λ·Σ_ij M_ij [Q_ij ℓ(β(g_i − g_j)) + (1 − Q_ij) ℓ(β(g_j − g_i))]
+    over the simplex, ℓ = −log σ, g(π) = log π (``logsigmoid``: CPO-style) or log(π/(1 − π)) (``odds_ratio``:
+    ORPO Eq. 6–7), c(y) = Σ_j M_yj Q_yj + M_jy (1 − Q_jy) the probability that y is the chosen response (M
+    normalised per prompt).
+
+    Written out here with analytic gradients (numpy; no loss code): scipy BFGS on the logits θ (θ_0 = 0), then
+    Powell's hybrid root finder on the gradient for a residual below 1e-12.
+
+    Returns:
+        ``(P, K)`` float64.
+    Raises:
+        TargetError: a response that is never the chosen one (c(y) = 0, e.g. deterministic labels): the loss
+            drives its probability toward 0 without reaching it; or no stationary point found.
+    """
+    import numpy as np
+    from scipy.optimize import minimize, root
+    P, K, _ = M.shape
+    out = torch.empty(P, K, dtype=torch.float64)
+    for p in range(P):
+        m = M[p].double().numpy()
+        m = m / m.sum()
+        q = Q[p].double().numpy()
+        c = (m * q).sum(1) + (m * (1 - q)).sum(0)
+        if np.any(c <= 0):
+            never = [int(y) for y in np.flatnonzero(c <= 0)]
+            raise TargetError(f"prompt {p}: responses {never} are never the chosen response, so the chosen NLL "
+                              "never lifts them and the preference term pushes their probability toward 0 without "
+                              "reaching it; udrra claims no target (use sampled labels)")
+
+        def parts(x):
+            theta = np.concatenate([[0.0], x])
+            u = theta - np.logaddexp.reduce(theta)
+            pi = np.exp(u)
+            if link == "odds_ratio":
+                g, dg = u - np.log(-np.expm1(u)), 1.0 / (-np.expm1(u))    # d/du log(e^u/(1 − e^u)) = 1/(1 − π)
+            else:
+                g, dg = u, np.ones_like(u)
+            d = beta * (g[:, None] - g[None, :])
+            f = -(c * u).sum() + lam * (m * (q * np.logaddexp(0, -d) + (1 - q) * np.logaddexp(0, d))).sum()
+            D = m * (-q / (1 + np.exp(d)) + (1 - q) / (1 + np.exp(-d)))   # M_ij · ∂[pair]/∂d_ij
+            dF_du = -c + lam * beta * dg * (D.sum(1) - D.sum(0))
+            grad = dF_du - pi * dF_du.sum()
+            return f, grad[1:]
+
+        x0 = np.zeros(K - 1)
+        res = minimize(parts, x0, jac=True, method="BFGS", options={"gtol": 1e-10, "maxiter": 10000})
+        sol = root(lambda x: parts(x)[1], res.x, method="hybr", options={"xtol": 1e-15})
+        x = sol.x if np.all(np.isfinite(sol.x)) and np.abs(parts(sol.x)[1]).max() <= np.abs(parts(res.x)[1]).max() \
+            else res.x
+        if np.abs(parts(x)[1]).max() > 1e-9:
+            raise TargetError(f"prompt {p}: no stationary point of the NLL-regularised objective found (gradient "
+                              f"{np.abs(parts(x)[1]).max():.2e})")
+        theta = np.concatenate([[0.0], x])
+        out[p] = torch.as_tensor(np.exp(theta - np.logaddexp.reduce(theta)))
+    return out
+
+
+def nca_fit(M: Tensor, Q: Tensor, ref: Tensor, *, beta: float) -> Tensor:
+    """Minimise, per prompt, the population pairwise NCA loss written per response,
+    L(π) = Σ_y [c(y)·softplus(−β·u_y) + ½·m(y)·softplus(β·u_y)], u = log π/π_ref, over the simplex; c(y) = the
+    probability that y is a pair's chosen response, m(y) = Σ_j M_yj + M_jy its expected appearances (M normalised
+    per prompt; proofs/nca.py::nca_population_per_response). Stationarity: G_k = π_k·Σ_y G_y with
+    G_y = β·(−c_y·σ(−β·u_y) + ½·m_y·σ(β·u_y)); solved with scipy BFGS on the logits, then root finding on the
+    analytic gradient (numpy; no loss code).
+
+    Returns:
+        ``(P, K)`` float64.
+    Raises:
+        TargetError: a response in the data that is never chosen (its probability only falls toward 0), or no
+            stationary point found.
+    """
+    import numpy as np
+    from scipy.optimize import minimize, root
+    P, K, _ = M.shape
+    out = torch.empty(P, K, dtype=torch.float64)
+    for p in range(P):
+        mm = M[p].double().numpy()
+        mm = mm / mm.sum()
+        q = Q[p].double().numpy()
+        c = (mm * q).sum(1) + (mm * (1 - q)).sum(0)
+        m = mm.sum(1) + mm.sum(0)
+        lref = np.log(ref[p].double().numpy())
+        if np.any((c <= 0) & (m > 0)):
+            never = [int(y) for y in np.flatnonzero((c <= 0) & (m > 0))]
+            raise TargetError(f"prompt {p}: responses {never} appear in pairs but are never chosen: NCA's ½·softplus(β·u) "
+                              "term pushes their probability toward 0 without reaching it; udrra claims no target")
+
+        def parts(x):
+            theta = np.concatenate([[0.0], x])
+            lp = theta - np.logaddexp.reduce(theta)
+            u = lp - lref
+            f = (c * np.logaddexp(0, -beta * u) + 0.5 * m * np.logaddexp(0, beta * u)).sum()
+            G = beta * (-c / (1 + np.exp(beta * u)) + 0.5 * m / (1 + np.exp(-beta * u)))
+            return f, (G - np.exp(lp) * G.sum())[1:]
+
+        x0 = (lref - lref[0])[1:]
+        res = minimize(parts, x0, jac=True, method="BFGS", options={"gtol": 1e-10, "maxiter": 10000})
+        sol = root(lambda x: parts(x)[1], res.x, method="hybr", options={"xtol": 1e-15})
+        x = sol.x if np.all(np.isfinite(sol.x)) and np.abs(parts(sol.x)[1]).max() <= np.abs(parts(res.x)[1]).max() \
+            else res.x
+        if np.abs(parts(x)[1]).max() > 1e-9:
+            raise TargetError(f"prompt {p}: no stationary point of the NCA objective found")
+        theta = np.concatenate([[0.0], x])
+        out[p] = torch.as_tensor(np.exp(theta - np.logaddexp.reduce(theta)))
+    return out
+
+
+def _derive_nca(s, rw, beta: float) -> DerivedTarget:
+    def solve(b):
+        M = _pair_weights(s, b)
+        P, K = b.pi_ref.shape
+        i, j = torch.meshgrid(torch.arange(K), torch.arange(K), indexing="ij")
+        Q = torch.stack([pair_labels(s, b, torch.full((K * K,), p), i.flatten(), j.flatten()).reshape(K, K)
+                         for p in range(P)])
+        return nca_fit(M, Q, b.pi_ref, beta=beta)
+    formula = ("argmin_π Σ_y [c(y)·softplus(−β·u(y)) + ½·m(y)·softplus(β·u(y))], u = log π/π_ref, c = chosen "
+               "marginal, m = appearance marginal of the pairs: the stationarity condition solved numerically")
+    note = ("NCA scores each response's own implicit reward β·u, not the difference, so the target depends on how "
+            "often each response is chosen (c) and appears (m), not on a Bradley–Terry reward: it is not "
+            "π_ref·exp(r/β)/Z; chosen-often responses get u > 0 and the others are pushed below π_ref")
+    return DerivedTarget("noise_contrastive", formula, note, solve)
+
+
+def _derive_chosen_nll(s, rw, ref, beta: float) -> DerivedTarget:
+    link_name, lam = rw["link"], float(ref["lam"])
+
+    def solve(b):
+        M, Q = _pair_data(s, rw, b)
+        return nll_regularised_fit(M, Q, beta=beta, lam=lam, link=link_name)
+    g = "log(π/(1 − π))" if link_name == "odds_ratio" else "log π"
+    formula = (f"argmin_π E_(y_w)[−log π(y_w)] + λ·E_(y_w, y_l)[−log σ(β·(g(y_w) − g(y_l)))], g = {g}, λ = {lam}: "
+               "the stationarity condition solved numerically (BFGS + root finding on the analytic gradient)")
+    note = ("no reference model: the NLL of the chosen responses is the cross-entropy to their distribution c, "
+            "KL(c‖π) up to a constant, so c takes π_ref's place as the anchor and the preference term tilts the "
+            "policy away from it; not a Boltzmann distribution" +
+            ("; ORPO's odds ratio: odds(y) = π(y)/(1 − π(y))" if link_name == "odds_ratio" else ""))
+    return DerivedTarget("odds_ratio" if link_name == "odds_ratio" else "nll_regularised", formula, note, solve)
+
+
 def _derive_preference(t, s, rw, ref, beta: float) -> DerivedTarget:
     link_name = rw["link"]
     link = LINK_TABLE[link_name]
@@ -598,6 +804,8 @@ def _derive_preference(t, s, rw, ref, beta: float) -> DerivedTarget:
     gamma = float(ref.get("gamma") or 0.0)
     if link_name == "hinge":
         return _derive_hinge(s, ref, gamma)
+    if ref.kind == "chosen_nll":
+        return _derive_chosen_nll(s, rw, ref, beta)
     loss = "squared" if link_name == "squared" else "logistic"
     no_ref = ref.kind == "none"
 
@@ -612,6 +820,8 @@ def _derive_preference(t, s, rw, ref, beta: float) -> DerivedTarget:
         def policy_of(v: Tensor) -> Tensor:
             if link_name == "forward_kl":
                 return inverse_family(b.pi_ref, v)
+            if link_name in ("js_divergence", "alpha_divergence", "odds_ratio"):
+                return f_family(torch.ones_like(b.pi_ref) if no_ref else b.pi_ref, v, link, t.get("alpha"))
             return _normalise(v) if no_ref else boltzmann(b.pi_ref, v)
         pi = policy_of(pairwise_fit(M, Q, beta=beta, gamma=gamma, loss=loss))
         if s.kind == "on_policy_pairs":
@@ -625,6 +835,20 @@ def _derive_preference(t, s, rw, ref, beta: float) -> DerivedTarget:
     if link_name == "forward_kl":
         return DerivedTarget("forward_kl", "β·π_ref/(λ − r̂), r̂ = Bradley–Terry MLE reward of the labels", None,
                              solve)
+    if link_name == "odds_ratio":
+        return DerivedTarget("odds_ratio", "σ(r̂/β + c), c normalising: log odds(π(y)) = r̂(y)/β + c, r̂ = "
+                             "Bradley–Terry MLE reward of the labels (the odds-ratio term alone, no NLL)",
+                             "reference-free odds-ratio link without ORPO's NLL term: π(y)/(1 − π(y)) ∝ exp(r̂/β)",
+                             solve)
+    if link_name == "js_divergence":
+        return DerivedTarget("js_divergence", "π_ref·e^z/(2 − e^z), z = (r̂ − λ)/β, λ normalising: f'(π/π_ref) = "
+                             "(r̂ − λ)/β with f'(ρ) = log(2ρ/(1 + ρ)) (f-DPO Thm 1, JS row of Table 1), r̂ = "
+                             "Bradley–Terry MLE reward of the labels", None, solve)
+    if link_name == "alpha_divergence":
+        a = t.get("alpha")
+        return DerivedTarget("alpha_divergence", f"π_ref·(1 − α·(r̂ − λ)/β)^(−1/α), α = {a}, λ normalising: "
+                             "f'(π/π_ref) = (r̂ − λ)/β with f'(ρ) = (1 − ρ^(−α))/α (f-DPO Thm 1, α row of Table 1), "
+                             "r̂ = Bradley–Terry MLE reward of the labels", None, solve)
     smoothing = {"smoothed_logsigmoid": "label-smoothed labels q(1−ε) + (1−q)ε",
                  "robust": "de-noised labels (q − ε)/(1 − 2ε)"}.get(link_name)
     if no_ref:
