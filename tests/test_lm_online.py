@@ -227,7 +227,7 @@ def test_value_model_reads_the_state_before_each_response_token_whatever_the_pad
 # --------------------------------------------------------------------------------------------- end to end
 
 
-@pytest.mark.parametrize("name", ["ppo", "reinforce", "remax", "rloo", "grpo", "online_dpo", "dpo_iter", "reinforce_pp"])
+@pytest.mark.parametrize("name", ["ppo", "reinforce", "remax", "rloo", "grpo", "online_dpo", "dpo_iter", "reinforce_pp", "raft"])
 def test_every_online_catalog_algorithm_trains_two_steps_and_saves_a_loadable_checkpoint(name, tmp_path):
     model, tok = model_tok()
     algo = udrra.load(name, {"source.n": 4} if name == "grpo" else {})
@@ -397,7 +397,7 @@ def test_cli_refuses_a_dataset_for_an_online_algorithm_and_prompts_for_an_offlin
 
 
 @pytest.mark.skipif(not os.environ.get("UDRRA_SLOW_TESTS"), reason="opt-in: UDRRA_SLOW_TESTS=1 (loads SmolLM2-135M)")
-@pytest.mark.parametrize("name", ["ppo", "reinforce", "remax", "rloo", "grpo", "online_dpo", "dpo_iter", "reinforce_pp"])
+@pytest.mark.parametrize("name", ["ppo", "reinforce", "remax", "rloo", "grpo", "online_dpo", "dpo_iter", "reinforce_pp", "raft"])
 def test_smollm2_online_two_steps_on_tinystories_with_vader(name, tmp_path):
     from udrra.cli import main
     from udrra.lm.models import smollm2_folder
@@ -465,3 +465,15 @@ def test_policy_and_critic_gradients_are_clipped_separately():
     assert torch.allclose(pol.detach(), torch.tensor([-0.6, -0.8]), atol=1e-6)
     assert torch.allclose(crit.detach(), torch.tensor([0.0, -1.0]), atol=1e-6)
     assert math.isclose(step.grad_norm, 5.0, rel_tol=1e-6) and math.isclose(step.critic_grad_norm, 12.0, rel_tol=1e-6)
+
+
+def test_raft_keeps_the_best_of_each_group_sampled_from_the_reference(tmp_path):
+    """RAFT on an LM: n = 4 samples per prompt from the reference (the round's sampler), the best kept; the kept
+    rewards' mean is the mean of the group maxima, so it is at least the mean reward of all samples."""
+    model, tok = model_tok()
+    algo = udrra.load("raft", {"reference.every": 1})
+    res = train_online(algo, (model, tok), PROMPTS, count_a, output_dir=tmp_path / "run", config=fast(),
+                       progress=False, verbose=False)
+    for h in res["log_history"]:
+        assert h["train/kept_reward"] >= h["train/reward"] - 1e-6
+    assert res["algorithm"]["name"] == "raft"

@@ -27,6 +27,20 @@ An experiment is a TOML file (see ``experiments/``)::
     prompts = 3
     responses = 5
 
+    [testbed]                          # or Xu et al. §4.2's synthetic bandit (see build_testbed)
+    kind = "xu_synthetic"
+    prompts = 8                        # P prompts × P responses, the optimal response of x is y = x
+    pairs_per_prompt = 3
+    hidden = 64
+    init_scale = 0.1                   # std of the initial MLP's output weights
+    reward_model = "fit"               # true | fit: on-policy learners see a BT MLP reward model
+    reward_model_steps = 1000          # its Adam steps (lr 0.05)
+    reward_model_weight_decay = 0.0    # its L2 (Adam weight_decay): shrinks r_φ toward 0 off the data
+    reference = "init"                 # init: π_ref = the MLP at initialisation | sft: that MLP after SFT
+    sft_data = "chosen"                # sft: maximum likelihood on the chosen responses | "pairs": both sides
+    sft_steps = 300                    # sft: full-batch Adam steps
+    sft_lr = 0.01                      # sft: Adam learning rate
+
     [testbed]                          # or the exact sequence testbed (udrra.SequenceBandit.random)
     kind = "sequence"
     prompts = 3
@@ -145,10 +159,14 @@ _TESTBED_KEYS = {
     "table": {"kind", "pi_ref", "reward", "preference", "pairs", "policy", "hidden", "mlp_init_scale",
               "reward_model", "reward_model_steps", "reward_model_weight_decay", "reward_model_labels"},
     "xu_synthetic": {"kind", "prompts", "pairs_per_prompt", "seed", "policy", "hidden", "reward_model",
-                     "reward_model_steps", "reward_model_weight_decay", "reward_model_labels", "init_scale"},
+                     "reward_model_steps", "reward_model_weight_decay", "reward_model_labels", "init_scale",
+                     "reference", "sft_steps", "sft_data", "sft_lr"},
     "sequence": {"kind", "prompts", "vocab", "max_len", "seed", "reward_mode", "reward_scale", "ref_concentration",
                  "length_coef", "reward_center"},
 }
+#: xu_synthetic: how π_ref is made (``reference``) and, for ``sft``, which responses it imitates (``sft_data``)
+XU_REFERENCES = ("init", "sft")
+XU_SFT_DATA = ("chosen", "pairs")
 _OPS = {">": lambda a, b: a > b, "<": lambda a, b: a < b, ">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b}
 
 
@@ -330,13 +348,15 @@ def load_experiment(path) -> Experiment:
             _fail(f"{p} [experiment]", f"{key} must be a non-negative number, got {ex[key]!r}")
     for where, table in [("[testbed]", tb)] + [(f"variant {v.label!r} testbed", v.testbed) for v in variants]:
         for key in ("prompts", "responses", "seed", "uncovered", "pairs_per_prompt", "hidden", "reward_model_steps",
-                    "vocab", "max_len"):
+                    "vocab", "max_len", "sft_steps"):
             if key in table and (isinstance(table[key], bool) or not isinstance(table[key], int)):
                 _fail(f"{p} {where}", f"{key} must be an integer, got {table[key]!r}")
         for key in ("reward_scale", "ref_concentration", "coverage", "mlp_init_scale", "init_scale",
-                    "reward_model_weight_decay", "length_coef"):
+                    "reward_model_weight_decay", "length_coef", "sft_lr"):
             if key in table and (isinstance(table[key], bool) or not isinstance(table[key], (int, float))):
                 _fail(f"{p} {where}", f"{key} must be a number, got {table[key]!r}")
+        if kind == "xu_synthetic":
+            _check_xu_testbed(f"{p} {where}", {**tb, **table})
         if kind == "sequence":
             _check_sequence_testbed(f"{p} {where}", {**tb, **table})
     return Experiment(name=str(ex.get("name") or p.stem), description=str(ex.get("description", "")), base=base,
@@ -346,6 +366,26 @@ def load_experiment(path) -> Experiment:
                       epsilon=float(ex.get("epsilon", 0.02)), init=init,
                       init_scale=float(ex.get("init_scale", 1.0)), metrics=metrics, claims=claims, path=p,
                       notes=str(ex.get("notes", "")))
+
+
+def _check_xu_testbed(where: str, spec: Dict[str, Any]) -> None:
+    """Ranges of the xu_synthetic keys that shape the reward model and the reference (types are checked by the
+    caller)."""
+    if spec.get("reward_model_steps", 1) < 1:
+        _fail(where, f"reward_model_steps must be >= 1, got {spec['reward_model_steps']!r}")
+    if spec.get("reward_model_weight_decay", 0.0) < 0:
+        _fail(where, f"reward_model_weight_decay must be >= 0 (an L2 coefficient), got "
+                     f"{spec['reward_model_weight_decay']!r}")
+    ref = spec.get("reference", "init")
+    if ref not in XU_REFERENCES:
+        _fail(where, f"reference must be one of {', '.join(XU_REFERENCES)} (π_ref = the MLP at initialisation, or "
+                     f"that MLP after SFT on the pairs), got {ref!r}")
+    if spec.get("sft_data", "chosen") not in XU_SFT_DATA:
+        _fail(where, f"sft_data must be one of {', '.join(XU_SFT_DATA)}, got {spec['sft_data']!r}")
+    if spec.get("sft_steps", 1) < 1:
+        _fail(where, f"sft_steps must be >= 1, got {spec['sft_steps']!r}")
+    if spec.get("sft_lr", 1.0) <= 0:
+        _fail(where, f"sft_lr must be > 0, got {spec['sft_lr']!r}")
 
 
 def _check_sequence_testbed(where: str, spec: Dict[str, Any]) -> None:
@@ -400,7 +440,7 @@ class Testbed:
             return self.init_policy().detach().clone()
 
 
-def build_testbed(spec: Dict[str, Any], seed: int = 0) -> Testbed:
+def build_testbed(spec: Dict[str, Any], seed: int = 0, *, rm_cache: Optional[Dict[Any, Tensor]] = None) -> Testbed:
     """Build the bandit described by an experiment's ``[testbed]`` table.
 
     Kinds: ``random`` (:meth:`Bandit.random`; ``coverage`` keeps that fraction of unordered pairs in μ and
@@ -408,7 +448,10 @@ def build_testbed(spec: Dict[str, Any], seed: int = 0) -> Testbed:
     ``reward`` and/or ``preference``, and ``pairs`` = [[prompt, y, y'], ...] for μ), ``xu_synthetic`` (Xu et al.
     2404.10719 §4.2: P prompts × P responses, rewards U(0, 1) off the diagonal and 1.5 on it (the optimal response
     of prompt x is y = x), ``pairs_per_prompt`` random pairs per prompt that each hold the optimal response,
-    π_ref = a randomly initialised MLP policy; data and MLP are drawn from ``seed`` + the experiment seed).
+    π_ref = a randomly initialised MLP policy; data and MLP are drawn from ``seed`` + the experiment seed;
+    ``reference = "sft"`` first fine-tunes that MLP for ``sft_steps`` full-batch Adam steps (``sft_lr``) by maximum
+    likelihood on the pairs' chosen responses (``sft_data = "pairs"``: on both responses of every pair; see
+    :func:`xu_sft_distribution`), and π_ref and the starting policy are the fine-tuned MLP).
     ``sequence``: :meth:`udrra.SequenceBandit.random` (``prompts``, ``vocab``, ``max_len``, ``seed``,
     ``reward_mode``, ``reward_scale``, ``ref_concentration``, ``length_coef``); ``reward_center = "length"`` then
     subtracts, per prompt and response length k, the reference's mean reward of that length E_π_ref[r | |y| = k]
@@ -416,6 +459,9 @@ def build_testbed(spec: Dict[str, Any], seed: int = 0) -> Testbed:
     ``reward_model = "fit"`` makes on-policy learners see a Bradley–Terry reward model fitted on the pairs
     (same policy class) instead of the true reward (``reward_model_labels = "deterministic"``: each pair labelled
     by its better response, as a dataset holding one comparison per pair is); metrics always use the true reward.
+    ``rm_cache``: a dict that keeps fitted reward models, keyed by everything the fit depends on (the pairs, the
+    preferences, the model and its training settings, the seed), so that variants sharing a reward model (e.g. the
+    same PPO at several β) fit it once per seed; the result is the same with or without it.
 
     Raises:
         InputError: inconsistent shapes or values.
@@ -480,6 +526,13 @@ def build_testbed(spec: Dict[str, Any], seed: int = 0) -> Testbed:
                 mu[x, x, y] = mu[x, y, x] = 1.0
         init = MLPPolicy(P, K, hidden=hidden, zero_init_output=False, init_scale=float(spec.get("init_scale", 0.1)),
                          seed=tb_seed)
+        reference = spec.get("reference", "init")
+        if reference not in XU_REFERENCES:
+            raise InputError(f"[testbed] reference must be one of {', '.join(XU_REFERENCES)}, got {reference!r}")
+        if reference == "sft":
+            sft_target = xu_sft_distribution(Bandit(torch.full((P, K), 1.0 / K, dtype=torch.float64), reward, None,
+                                                    mu), spec.get("sft_data", "chosen"))
+            sft_fit(init, sft_target, steps=int(spec.get("sft_steps", 300)), lr=float(spec.get("sft_lr", 0.01)))
         with torch.no_grad():
             ref = torch.softmax(init(), -1)
         bandit = Bandit(ref, reward, None, mu)
@@ -491,11 +544,65 @@ def build_testbed(spec: Dict[str, Any], seed: int = 0) -> Testbed:
         labels = spec.get("reward_model_labels", "sampled")
         if labels not in ("sampled", "deterministic"):
             raise InputError(f"[testbed] reward_model_labels must be 'sampled' or 'deterministic', got {labels!r}")
-        r_phi = fit_reward_model(bandit, kind=rm_kind, hidden=hidden, steps=int(spec.get("reward_model_steps", 2000)),
-                                 weight_decay=float(spec.get("reward_model_weight_decay", 0.0)),
-                                 deterministic=labels == "deterministic", seed=seed)
+        fit = dict(kind=rm_kind, hidden=hidden, steps=int(spec.get("reward_model_steps", 2000)),
+                   weight_decay=float(spec.get("reward_model_weight_decay", 0.0)),
+                   deterministic=labels == "deterministic", seed=seed)
+        key = None if rm_cache is None else (
+            tuple(sorted(fit.items())), tuple(bandit.shape), bandit.pair_distribution.numpy().tobytes(),
+            bandit.preference_matrix().numpy().tobytes())
+        if key is not None and key in rm_cache:
+            r_phi = rm_cache[key].clone()
+        else:
+            r_phi = fit_reward_model(bandit, **fit)
+            if key is not None:
+                rm_cache[key] = r_phi.clone()
         train_bandit = bandit.with_reward(r_phi)
     return Testbed(bandit, train_bandit, covered, policy_kind, hidden, init)
+
+
+def xu_sft_distribution(bandit: Bandit, data: str = "chosen") -> Tensor:
+    """The ``(P, K)`` response distribution SFT imitates on a bandit's preference pairs μ.
+
+    ``chosen``: the chosen response of a pair drawn from μ, labelled by the bandit's preferences —
+    q(y | x) ∝ Σ_y' (μ[x, y, y'] + μ[x, y', y])·p(y ≻ y' | x) (for Xu et al.'s pairs, which all hold the optimal
+    response y = x: mostly y = x, and each partner y' with probability σ(r(y') − r(x))/2 per pair of its own).
+    ``pairs``: both responses of every pair, q(y | x) ∝ Σ_y' (μ[x, y, y'] + μ[x, y', y]). Responses no pair holds get
+    q = 0 either way.
+
+    Raises:
+        InputError: an unknown ``data`` (valid: chosen, pairs), or a prompt without pairs.
+    """
+    if data not in XU_SFT_DATA:
+        raise InputError(f"sft_data must be one of {', '.join(XU_SFT_DATA)}, got {data!r}")
+    mu = bandit.pair_distribution
+    if data == "chosen":
+        pref = bandit.preference_matrix()
+        w = (mu * pref).sum(-1) + (mu.transpose(1, 2) * pref).sum(-1)
+    else:
+        w = mu.sum(-1) + mu.sum(-2)
+    total = w.sum(-1, keepdim=True)
+    if (total <= 0).any():
+        raise InputError("SFT needs at least one pair per prompt")
+    return w / total
+
+
+def sft_fit(policy: torch.nn.Module, target: Tensor, *, steps: int = 300, lr: float = 0.01) -> torch.nn.Module:
+    """Supervised fine-tuning of a bandit policy in place: ``steps`` full-batch Adam steps (learning rate ``lr``)
+    on the exact cross-entropy −mean_x Σ_y target(y|x)·log π(y|x) (maximum likelihood on responses drawn from
+    ``target``). Returns ``policy``.
+
+    Raises:
+        InputError: ``steps`` < 1 or ``lr`` <= 0.
+    """
+    if steps < 1 or not lr > 0:
+        raise InputError(f"SFT needs steps >= 1 and lr > 0, got steps = {steps}, lr = {lr}")
+    opt = torch.optim.Adam(policy.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = -(target * torch.log_softmax(policy(), -1)).sum(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return policy
 
 
 def _sequence_bandit(spec: Dict[str, Any]):
@@ -661,7 +768,8 @@ def _run_sequence_variant(ex: Experiment, v: Variant, algo: Algorithm, base_algo
     return rows
 
 
-def _run_variant(ex: Experiment, v: Variant, base_algo: Algorithm, progress) -> List[Dict[str, Any]]:
+def _run_variant(ex: Experiment, v: Variant, base_algo: Algorithm, progress,
+                 rm_cache: Optional[Dict[Any, Tensor]] = None) -> List[Dict[str, Any]]:
     algo = _variant_algorithm(ex, v)
     rows: List[Dict[str, Any]] = []
     spec = {**ex.testbed, **v.testbed}
@@ -672,11 +780,11 @@ def _run_variant(ex: Experiment, v: Variant, base_algo: Algorithm, progress) -> 
                  and spec.get("reward_model", "true") == "true")
     seed_groups = [list(range(ex.seeds))] if vectorise else [[s] for s in range(ex.seeds)]
     for seeds in seed_groups:
-        tb = build_testbed(spec, seed=seeds[0])
+        tb = build_testbed(spec, seed=seeds[0], rm_cache=rm_cache)
         target = _target_or_none(algo, tb.bandit)
         # the base target lives on the experiment's own testbed: a variant that only removes pairs (partial
         # coverage) is still measured against the distribution the full-coverage base converges to
-        home = tb if not v.testbed else build_testbed(ex.testbed, seed=seeds[0])
+        home = tb if not v.testbed else build_testbed(ex.testbed, seed=seeds[0], rm_cache=rm_cache)
         base_target = _target_or_none(base_algo, home.bandit if home.bandit.shape == tb.bandit.shape else tb.bandit)
         S = len(seeds)
         # S seeds stacked as S copies of the prompts (Bandit.subset with repeated indices)
@@ -1087,11 +1195,12 @@ def run_experiment(ex: Experiment, out_dir=None, *, progress: bool = True, steps
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # bandit tensors are tiny: one thread avoids OpenMP overhead on every op
     rows: List[Dict[str, Any]] = []
+    rm_cache: Dict[Any, Tensor] = {}  # reward models fitted in this run, shared by variants that fit the same one
     try:
         with tqdm(total=len(ex.variants) * ex.seeds, desc=ex.name, unit="run", disable=not progress) as bar:
             for v in ex.variants:
                 bar.set_postfix_str(v.label)
-                rows += _run_variant(ex, v, base_algo, bar)
+                rows += _run_variant(ex, v, base_algo, bar, rm_cache)
     finally:
         torch.set_num_threads(threads)
     seconds = time.perf_counter() - t0

@@ -171,23 +171,31 @@ def response_logps(logits: Tensor, prompt: Tensor, response: Tensor) -> Tensor:
 
 
 def draw_indices(algorithm, bandit: Bandit, logits: Tensor, *, exact: bool, batch_size: int = 64,
-                 generator: Optional[torch.Generator] = None) -> source_mod.IndexBatch:
+                 generator: Optional[torch.Generator] = None, ref_logits: Optional[Tensor] = None
+                 ) -> source_mod.IndexBatch:
     """The sample source's step: which (prompt, response[s]) rows the next batch holds.
 
     Args:
         algorithm: a loaded :class:`udrra.Algorithm`. logits: ``(P, K)`` current policy logits.
+        ref_logits: ``(P, K)`` current reference logits (the sampler of a ``best_of_n`` source).
         exact: enumerate the population (weights = probabilities) instead of sampling.
         batch_size: pairs, or groups of ``n`` samples, per prompt when sampling.
     """
     return draw_rows(algorithm, bandit, torch.softmax(logits.detach(), -1), exact=exact, batch_size=batch_size,
-                     generator=generator)
+                     generator=generator, ref_probs=None if ref_logits is None else torch.softmax(ref_logits, -1))
 
 
 def draw_rows(algorithm, bandit: Bandit, probs: Tensor, *, exact: bool, batch_size: int = 64,
-              generator: Optional[torch.Generator] = None) -> source_mod.IndexBatch:
+              generator: Optional[torch.Generator] = None, ref_probs: Optional[Tensor] = None
+              ) -> source_mod.IndexBatch:
     """:func:`draw_indices` from the policy's ``(P, K)`` probabilities (the sequence testbed passes π(y|x) over
-    whole responses, with its bandit view as ``bandit``)."""
+    whole responses, with its bandit view as ``bandit``). ``ref_probs``: the current reference's ``(P, K)``
+    probabilities, the sampler of a ``best_of_n`` source (default: the bandit's π_ref)."""
     src = algorithm.components.source
+    if src.kind == "best_of_n":
+        sampler = bandit.pi_ref if ref_probs is None else ref_probs.detach().double()
+        return (source_mod.best_of_n_population(src, bandit, sampler) if exact
+                else source_mod.best_of_n_draw(src, bandit, sampler, batch_size, generator))
     if algorithm.pair_based:
         return (source_mod.pair_population(src, bandit, probs) if exact
                 else source_mod.pair_sample(src, bandit, probs, batch_size, generator))
@@ -234,7 +242,8 @@ def make_batch(algorithm, bandit: Bandit, ib: source_mod.IndexBatch, logits: Ten
 def bandit_batch(algorithm, bandit: Bandit, logits: Tensor, ref_logits: Tensor, *, exact: bool,
                  batch_size: int = 64, generator: Optional[torch.Generator] = None):
     """One batch for ``algorithm`` on ``bandit``: source → indices → log-probs → Pair/SampleBatch."""
-    ib = draw_indices(algorithm, bandit, logits, exact=exact, batch_size=batch_size, generator=generator)
+    ib = draw_indices(algorithm, bandit, logits, exact=exact, batch_size=batch_size, generator=generator,
+                      ref_logits=ref_logits.detach())
     return make_batch(algorithm, bandit, ib, logits, ref_logits)
 
 
@@ -266,7 +275,7 @@ class BanditProducer:
     def collect(self):
         logits, ref_logits = self.policy().detach(), self.reference().detach()
         self._rows = draw_indices(self.algorithm, self.bandit, logits, exact=self.exact,
-                                  batch_size=self.batch_size, generator=self.generator)
+                                  batch_size=self.batch_size, generator=self.generator, ref_logits=ref_logits)
         self._old = logits
         batch = make_batch(self.algorithm, self.bandit, self._rows, logits, ref_logits)
         if self.critic is not None:

@@ -36,6 +36,7 @@ REWARD_SOURCES = {
     "reward_regression": ("offline_samples", "on_policy"),
     "reward_difference": ("offline_samples",),
     "noise_contrastive": ("offline_pairs",),
+    "max_likelihood": ("best_of_n",),
 }
 REWARD_REFERENCES = {
     "preference": ("log_ratio", "none", "chosen_nll"),
@@ -43,6 +44,7 @@ REWARD_REFERENCES = {
     "reward_regression": ("log_ratio",),
     "reward_difference": ("log_ratio",),
     "noise_contrastive": ("log_ratio",),
+    "max_likelihood": ("sampler",),
 }
 #: links whose parameter epsilon is required (and the only ones that accept it)
 EPSILON_LINKS = ("smoothed_logsigmoid", "robust")
@@ -96,10 +98,12 @@ def parse_override_value(text: str) -> Any:
 def apply_overrides(raw: Dict[str, Any], overrides: Optional[Mapping[str, Any]], display: str) -> Dict[str, Any]:
     """Apply dotted-key overrides such as ``{"target.beta": 0.5}``. Unknown tables are rejected.
 
-    ``TABLE.kind`` overrides are applied first (a new kind starts from its own defaults), then the parameters,
-    so ``{"target.beta": 0.5, "target.kind": "forward_kl"}`` keeps β whatever the order of the keys."""
+    ``TABLE.kind`` overrides are applied first (a new kind starts from its own defaults), then ``reference.update``
+    (a new rule drops the old rule's parameters, e.g. ``every`` and ``rounds``), then the other parameters, so
+    ``{"target.beta": 0.5, "target.kind": "forward_kl"}`` keeps β whatever the order of the keys."""
     out = copy.deepcopy(raw)
-    items = sorted((overrides or {}).items(), key=lambda kv: not kv[0].endswith(".kind"))
+    items = sorted((overrides or {}).items(),
+                   key=lambda kv: (not kv[0].endswith(".kind"), kv[0] != "reference.update"))
     for key, value in items:
         parts = key.split(".")
         if len(parts) != 2 or parts[0] not in (*TABLES, "algorithm"):
@@ -113,6 +117,11 @@ def apply_overrides(raw: Dict[str, Any], overrides: Optional[Mapping[str, Any]],
             value = parse_override_value(value)
         if param == "kind" and out[table].get("kind") != value:
             out[table] = {"kind": value}  # a new kind starts from its own defaults
+        elif table == "reference" and param == "update" and out[table].get("update", "frozen") != value:
+            # a new update rule drops the file's parameters of the old one (e.g. every/rounds of reset_every);
+            # parameters given as overrides themselves are applied after this, in key order, and are kept
+            out[table] = {k: v for k, v in out[table].items() if UPDATE_PARAMS.get(k, value) == value}
+            out[table][param] = value
         else:
             out[table][param] = value
     return out

@@ -254,6 +254,8 @@ def sample_loss(components: Components, batch: SampleBatch) -> LossOutput:
             vl = value_loss(batch.values, old_v, batch.returns, rw.get("value_clip"))
             metrics["value_loss"] = float(aggregate(vl.detach(), m, w, src["aggregation"], batch.normalisers()))
             per_token = per_token + float(rw["value_coef"]) * vl
+    elif rw.kind == "max_likelihood":   # RAFT: SFT on the kept samples, −Σ_t log π(y_t|·)
+        per_token = -batch.logps
     else:  # reward_regression (UDRRA RA), one term per sequence
         if batch.log_partition is None:
             raise InputError("reward_regression needs log_partition (log Z) in the SampleBatch")

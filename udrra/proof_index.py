@@ -101,6 +101,14 @@ PROOFS: Dict[str, Tuple[str, str]] = {
     "nca_two_arm": ("proofs/nca.py::nca_two_arm_stationary",
                     "NCA, two arms, uniform π_ref, β = 1, label frequency q: dL/dℓ·(1 + 2p)(3 − 2p) = "
                     "(p − q)(4p² − 4p + 3), so the optimum is p = q"),
+    "bon_dist": ("proofs/best_of_n.py::best_of_n_distribution",
+                 "best of n draws (n = 2, 3, 4, enumerated): P(kept = y) = F(y)^n − F(y−1)^n, F the reward's CDF"),
+    "bon_ties": ("proofs/best_of_n.py::best_of_n_ties",
+                 "a tie shares (F^n − F₋^n) in proportion to π₀ when the first best draw is kept"),
+    "bon_mle": ("proofs/best_of_n.py::mle_target_is_best_of_n",
+                "maximum likelihood on samples from p is stationary (strictly convex) at π = p"),
+    "bon_iter": ("proofs/best_of_n.py::iterated_best_of_n_raises_top",
+                 "p_n(top) − π(top) = π(1 − π)·Σ_{k<n−1}(1 − π)^k > 0: iterated rounds move mass to argmax r"),
     "group_mean_finite_n": ("proofs/token_level.py::dr_grpo_finite_group_advantage",
                             "group of n (K = 2; n = 2, 3): the group-mean advantage averaged over the other n − 1 "
                             "draws is (n − 1)/n·(R(y) − E_π R), so at finite n β acts as β' = β·n/(n − 1)"),
@@ -146,6 +154,8 @@ def _keys(algorithm) -> Tuple[List[str], Optional[str]]:
         return keys, None
     if rw.kind == "noise_contrastive":
         return ["nca_per_response", "nca_two_arm"], None
+    if rw.kind == "max_likelihood":
+        return ["bon_dist", "bon_ties", "bon_mle"] + (["bon_iter"] if update == "reset_every" else []), None
     if rw.kind == "reward_regression":
         return ["udrra", "ra_unique", "kl_optimum"], None
     if rw.kind == "reward_difference":

@@ -30,7 +30,10 @@ def loss_lines(algorithm) -> List[str]:
     t, s, rw, ref = algorithm.components
     lines: List[str] = []
     norm = "/|y|" if ref.get("length_normalize") else ""
-    if rw.kind == "explicit":
+    if rw.kind == "max_likelihood":
+        lines.append(f"y = the highest-reward of n = {s['n']} samples from π_ref (the round's sampler)")
+        lines.append("loss = E_(x, y)[ −log π(y|x) ]   (maximum likelihood on the kept samples)")
+    elif rw.kind == "explicit":
         lines += _sample_loss_lines(algorithm)
     elif ref.kind in ("none", "chosen_nll"):
         lines.append(f"u(y) = log π(y){norm}   (no reference model)")

@@ -685,6 +685,12 @@ def derive_sequence(components) -> DerivedTarget:
     t, s, rw, ref = components
     beta = float(t["beta"])
     update = ref.get("update", "frozen")
+    if rw.kind == "max_likelihood":
+        if update != "frozen":
+            raise TargetError("best-of-n rounds on the sequence testbed: its sampler is the testbed's fixed π_ref over "
+                              "whole responses, so a reference reset would not move it; one round (update = 'frozen') "
+                              "is derived")
+        return _via_view(derive(components))
     sequence_only = rw.kind in PAIR_KINDS or rw.kind == "reward_regression"
     if sequence_only and not ref.get("length_normalize"):
         return _via_view(derive(components))

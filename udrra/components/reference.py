@@ -13,6 +13,8 @@ Kinds:
   2402.03300 Eq. 19 with k3), per token (``level = "token"``) or on the sequence log-ratio (``"sequence"``).
   Which estimator decides the direction of the regularisation (Tang & Munos, arXiv 2506.09477): k1 gives no
   regularisation, k2 the reverse KL, k3 the forward KL KL(π_ref‖π) — per state when applied per token.
+- ``sampler`` — π_ref is the round's sampling policy and enters only through the samples (RAFT): the loss has no
+  π_ref term; ``update = "reset_every"`` makes the trained policy the next round's sampler, ``frozen`` is one round.
 - ``none`` — no reference (SimPO, Meng et al. 2024 Eq. 6): u(y) = log π(y), optionally divided by the
   response length, with a target margin ``gamma``.
 - ``chosen_nll`` — no reference model; the negative log-likelihood of the chosen response, −log π(y_w)
@@ -76,6 +78,7 @@ KINDS: Dict[str, KindSpec] = {
         Param("length_normalize", bool, True, "average log-probs per token (u = log π/|y|) in both terms, as ORPO"),
         Param("update", str, "frozen", "must stay 'frozen': there is no reference to update", choices=("frozen",)),
     )),
+    "sampler": KindSpec("sampler", "π_ref is the round's sampler, in the samples only (RAFT)", (*_update_params,)),
     "none": KindSpec("none", "no reference model: u = log π (SimPO)", (
         Param("length_normalize", bool, True, "divide log π by the response length in tokens"),
         Param("gamma", float, 0.0, "target reward margin γ subtracted inside the link", check=nonneg),

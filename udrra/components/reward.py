@@ -37,6 +37,8 @@ Kinds:
   the KL-shaped token rewards, whitened over the batch's response tokens; no critic).
 - ``noise_contrastive`` — NCA, pairwise form (Chen et al. 2402.05369; TRL ``nca_pair``): logistic terms on each
   response's own implicit reward β·u, not on the difference: −log σ(β·u_w) − ½·log σ(−β·u_w) − ½·log σ(−β·u_l).
+- ``max_likelihood`` — supervised fine-tuning on the samples the source kept: −log π(y) (RAFT's step on its
+  best-of-n samples, Dong et al. 2304.06767 Alg. 1); the reward acts through the selection only.
 - ``reward_regression`` — UDRRA RA: (β·u + β·log Z − r)² (needs log Z).
 - ``reward_difference`` — UDRRA RDA: (β·(u_w − u_l) − (r_w − r_l))² (log Z cancels; REBEL-style).
 """
@@ -89,6 +91,8 @@ KINDS: Dict[str, KindSpec] = {
     )),
     "noise_contrastive": KindSpec("noise_contrastive", "NCA pairwise: −log σ(β·u_w) − ½·log σ(−β·u_w) − ½·log σ(−β·u_l)",
                                   ()),
+    "max_likelihood": KindSpec("max_likelihood", "−log π(y) of the samples the source kept (RAFT / rejection-sampling "
+                               "fine-tuning)", ()),
     "reward_regression": KindSpec("reward_regression", "UDRRA RA: MSE of β·u + β·log Z to r", ()),
     "reward_difference": KindSpec("reward_difference", "UDRRA RDA: MSE of β·(u_w − u_l) to r_w − r_l", ()),
 }

@@ -15,6 +15,9 @@ Kinds:
 - ``on_policy_pairs`` — two samples from the current policy labelled by a ``labeller`` (online DPO,
   Guo et al. 2402.04792; DPO-Iter, Xu et al. §4.3).
 - ``offline_samples`` — scored responses from a fixed distribution d (UDRRA RA/RDA scenarios).
+- ``best_of_n`` — rejection sampling (RAFT, Dong et al. 2304.06767): ``n`` samples per prompt from the round's
+  sampler π_ref (the policy at the start of the round), the one with the highest reward kept (the first in draw
+  order among ties). Exact mode enumerates every multiset of the n draws with its multinomial probability.
 
 On the bandit each source enumerates its population exactly (``exact=True``: every pair or sample with its
 probability as weight) or draws a mini-batch. It returns an :class:`IndexBatch` of (prompt, response)
@@ -61,6 +64,9 @@ KINDS: Dict[str, KindSpec] = {
               "Bradley–Terry reward model σ(r(y) − r(y'))", choices=("preference", "reward")),
     )),
     "offline_samples": KindSpec("offline_samples", "scored responses from a fixed distribution d", ()),
+    "best_of_n": KindSpec("best_of_n", "n samples per prompt from the round's sampler π_ref, the best kept (RAFT)", (
+        Param("n", int, 4, "samples per prompt among which the highest-reward one is kept", check=positive_int),
+    )),
 }
 
 #: sources that yield pairs directly; ``offline_samples`` yields pairs for pair losses (RDA) too.
@@ -173,3 +179,43 @@ def sample_draw(source, bandit, probs: Tensor, batch_size: int, gen: torch.Gener
     group = torch.arange(groups).repeat_interleave(n)
     w = torch.full((prompt.shape[0],), 1.0 / prompt.shape[0], dtype=torch.float64)
     return IndexBatch(prompt, y, None, w, None, group, False)
+
+
+def best_of_n_population(source, bandit, sampler: Tensor) -> IndexBatch:
+    """Every (prompt, response) with weight P(the response is kept)/P: all multisets c of the n draws from
+    ``sampler`` ``(P, K)`` (multinomial probability n!/Π c_j!·Π π_j^{c_j}), the kept one the highest-reward response
+    present, a tie split by the draw counts (the first of the tied draws is equally likely to be any of them)."""
+    import math
+    from .reward import _compositions
+    P, K = sampler.shape
+    n = int(source["n"])
+    C = _compositions(n, K)                                                # (M, K) counts
+    r = bandit.reward_matrix()
+    logcoef = math.lgamma(n + 1) - torch.lgamma(C + 1.0).sum(-1)           # (M,)
+    keep = torch.zeros(P, K, dtype=torch.float64)
+    for p in range(P):
+        present = C > 0
+        best = torch.where(present, r[p].expand_as(C), torch.full_like(C, -float("inf"))).amax(-1, keepdim=True)
+        tied = present & (r[p].expand_as(C) == best)
+        share = torch.where(tied, C, torch.zeros_like(C))
+        share = share / share.sum(-1, keepdim=True)
+        logpi = torch.log(sampler[p].double().clamp_min(1e-300))
+        prob = torch.exp(logcoef + (C * logpi).sum(-1)).masked_fill(((sampler[p] <= 0)[None, :] & present).any(-1), 0)
+        keep[p] = (prob[:, None] * share).sum(0)
+    prompt = torch.arange(P).repeat_interleave(K)
+    y = torch.arange(K).repeat(P)
+    w = keep.flatten() / P
+    nz = w > 0
+    return IndexBatch(prompt[nz], y[nz], None, w[nz] / w[nz].sum(), None, prompt[nz], True)
+
+
+def best_of_n_draw(source, bandit, sampler: Tensor, batch_size: int, gen: torch.Generator) -> IndexBatch:
+    """``batch_size`` kept samples per prompt, each the best of ``n`` draws from ``sampler`` (first among ties)."""
+    P, K = sampler.shape
+    n = int(source["n"])
+    prompt = torch.arange(P).repeat_interleave(batch_size)
+    draws = torch.multinomial(sampler.double()[prompt], n, replacement=True, generator=gen)   # (B, n)
+    rewards = bandit.reward_matrix()[prompt[:, None], draws]
+    kept = draws.gather(1, rewards.argmax(-1, keepdim=True)).squeeze(1)   # argmax returns the first maximum
+    w = torch.full((prompt.shape[0],), 1.0 / prompt.shape[0], dtype=torch.float64)
+    return IndexBatch(prompt, kept, None, w, None, prompt, False)

@@ -51,6 +51,8 @@ KINDS: Dict[str, KindSpec] = {
         Param("beta", float, 1.0, "scale β of the log-odds difference inside the link (ORPO: 1)", check=positive),)),
     "noise_contrastive": KindSpec("noise_contrastive", "the NCA optimum: per-response logistic terms on β·u (numerical)", (
         Param("beta", float, doc="temperature β > 0", check=positive),)),
+    "best_of_n": KindSpec("best_of_n", "the best-of-n distribution of the sampler, F(r)^n − F⁻(r)^n (RAFT, one round)", (
+        Param("beta", float, 0.0, "unused: no KL term (kept so every target has a β)", check=nonneg),)),
     "argmax": KindSpec("argmax", "all mass on argmax r (unregularised)", (
         Param("beta", float, 0.0, "KL coefficient, if a reference term uses one", check=nonneg),)),
     "margin": KindSpec("margin", "every covered pair at margin h ≥ 1/β (hinge: no unique optimum)", (
@@ -66,6 +68,7 @@ TARGET_LINKS = {
     "alpha_divergence": ("alpha_divergence",),
     "odds_ratio": ("odds_ratio",),
     "noise_contrastive": (),
+    "best_of_n": (),
     "margin": ("hinge",),
     "argmax": (),
 }
@@ -75,6 +78,7 @@ TARGET_FOR_REWARD = {
     "reward_regression": ("boltzmann",),
     "reward_difference": ("boltzmann",),
     "noise_contrastive": ("noise_contrastive",),
+    "max_likelihood": ("best_of_n",),
 }
 
 
@@ -542,6 +546,8 @@ def _derive_frozen(t, s, rw, ref, beta: float) -> DerivedTarget:
         return _derive_preference(t, s, rw, ref, beta)
     if rw.kind == "noise_contrastive":
         return _derive_nca(s, rw, beta)
+    if rw.kind == "max_likelihood":
+        return _derive_best_of_n(s)
     if rw.kind in ("reward_regression", "reward_difference"):
         return DerivedTarget("boltzmann", "π_ref·exp(r/β)/Z", None,
                              lambda b: boltzmann(b.pi_ref, b.reward_matrix() / beta))
@@ -763,6 +769,31 @@ def nca_fit(M: Tensor, Q: Tensor, ref: Tensor, *, beta: float) -> Tensor:
         theta = np.concatenate([[0.0], x])
         out[p] = torch.as_tensor(np.exp(theta - np.logaddexp.reduce(theta)))
     return out
+
+
+def best_of_n_policy(sampler: Tensor, r: Tensor, n: int) -> Tensor:
+    """The distribution of the kept sample when the best of n i.i.d. draws from ``sampler`` is kept, per prompt:
+    p_n(y) = F(r_y)^n − F⁻(r_y)^n with F(t) = Σ_{r(y') ≤ t} π(y'), F⁻(t) = Σ_{r(y') < t} π(y') (the CDF of the reward
+    under the sampler, Beirami et al. 2401.01879 §2), a tie's mass shared in proportion to π(y) (the first of the
+    tied draws is kept). sampler, r: ``(P, K)``; returns ``(P, K)`` float64."""
+    sampler, r = sampler.double(), r.double()
+    below_eq = (r[:, None, :] <= r[:, :, None]).double()                    # [p, y, y'] = 1 if r(y') ≤ r(y)
+    below = (r[:, None, :] < r[:, :, None]).double()
+    F = (below_eq * sampler[:, None, :]).sum(-1)
+    Fm = (below * sampler[:, None, :]).sum(-1)
+    tied = F - Fm                                                           # mass of y's tie class
+    share = torch.where(tied > 0, sampler / tied.clamp_min(1e-300), torch.zeros_like(sampler))
+    return (F ** n - Fm ** n) * share
+
+
+def _derive_best_of_n(s) -> DerivedTarget:
+    n = int(s["n"])
+    formula = (f"p_n(y) = F(r(y))^n − F⁻(r(y))^n, n = {n}, F = the CDF of the reward under the sampler π_ref (ties "
+               "share their class's mass in proportion to π_ref)")
+    note = ("maximum likelihood on the kept samples converges to the distribution of the kept sample, the best-of-n "
+            "distribution of the sampler; no KL term: β plays no role")
+    return DerivedTarget("best_of_n", formula, note,
+                         lambda b: best_of_n_policy(b.pi_ref, b.reward_matrix(), n))
 
 
 def _derive_nca(s, rw, beta: float) -> DerivedTarget:

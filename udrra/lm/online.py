@@ -35,7 +35,7 @@ from ..loop import ReferenceUpdate
 from .data import DEFAULT_SPLIT_SEED
 from .logprobs import DEFAULT_CHUNK_TOKENS, backbone_and_head, response_logps
 from .parallel import World, estimate_global
-from .producers import PAIR_LABELS, OnPolicy, OnPolicyPairs, PromptStream, RolloutContext
+from .producers import PAIR_LABELS, BestOfN, OnPolicy, OnPolicyPairs, PromptStream, RolloutContext
 from .rollout import Sampling, generate
 from .run import (DTYPES, atomic_run, check_output_dir, peak_rss_mb, resolve_algorithm, resolve_model, save_model,
                   setup, versions)
@@ -44,7 +44,7 @@ from .runner import Checkpointing, StepRunner, find_checkpoint, run_fingerprint
 __all__ = ["OnlineConfig", "ONLINE_SOURCES", "train_online", "evaluate_generations", "is_online"]
 
 #: the ``[source]`` kinds that sample from the policy during training
-ONLINE_SOURCES = ("on_policy", "on_policy_pairs")
+ONLINE_SOURCES = ("on_policy", "on_policy_pairs", "best_of_n")
 
 
 def is_online(algo: Any) -> bool:
@@ -175,7 +175,7 @@ def _online_algorithm(algorithm: Any) -> Any:
         raise ConfigError(f"algorithm {algo.name!r} has [source] kind = {kind!r}; online training needs "
                           f"{' or '.join(ONLINE_SOURCES)}: {hint}")
     rw = algo.components.reward.kind
-    if not algo.pair_based and rw != "explicit":
+    if not algo.pair_based and rw not in ("explicit", "max_likelihood"):
         raise ConfigError(f"algorithm {algo.name!r}: reward kind {rw!r} needs log Z(x) = log Σ_y π_ref(y|x)·"
                           f"exp(r/β), which no language model can enumerate; online LM training supports "
                           f"'explicit' rewards (policy gradient) and pair losses")
@@ -318,7 +318,7 @@ def _producer(inp: _OnlineInputs, s: Any, cfg: OnlineConfig):
                          fuse_old_logps=_epochs(inp.algo) == 1 and (cfg.micro_batches == 1 or inp.algo.pair_based),
                          world=s.world)
     stream = PromptStream(inp.prompts.train, inp.train_ids, cfg.batch_size, cfg.seed, world=s.world)
-    cls = OnPolicyPairs if inp.algo.components.source.kind == "on_policy_pairs" else OnPolicy
+    cls = {"on_policy_pairs": OnPolicyPairs, "best_of_n": BestOfN}.get(inp.algo.components.source.kind, OnPolicy)
     return cls(inp.algo, stream, ctx)
 
 

@@ -419,6 +419,56 @@ class OnPolicy(_Online):
         return batch.with_logps(logps, values)
 
 
+class BestOfN(_Online):
+    """``[source] kind = "best_of_n"`` (RAFT, Dong et al. 2304.06767 Alg. 1): ``n`` samples per prompt from the
+    round's sampler π_ref (the reference model; ``update = "reset_every"`` copies the policy into it every
+    ``every`` optimizer steps, which starts the next round), scored by the run's reward, the best of each group
+    kept (the first of ties) for maximum likelihood.
+
+    ``collect()`` (no gradient) returns a :class:`SampleBatch` of the kept rows (``index`` = their rows in the
+    rollout, weights ``1/G``); ``attach`` scores those rows under the policy with gradient. Statistics cover all
+    ``n`` samples (what the sampler produced) plus ``kept_reward``.
+    """
+
+    def __init__(self, algorithm: Any, prompts: PromptStream, ctx: RolloutContext):
+        if ctx.reference is None:
+            raise ConfigError(f"{algorithm.name}: a best_of_n source samples from the reference model (the round's "
+                              "sampler); the run has none")
+        super().__init__(algorithm, prompts, ctx, int(algorithm.components.source["n"]))
+
+    @torch.no_grad()
+    def collect(self) -> SampleBatch:
+        c, t = self.ctx, {}
+        t0 = time.time()
+        texts, ids, keys = self.prompts.next()
+        ro = generate(c.reference, ids, texts, c.sampling, n=self.n, pad_token_id=c.pad_token_id,
+                      eos_token_id=c.eos_token_id, tokenizer=c.tokenizer, seeds=keys)
+        t["generation_s"] = time.time() - t0
+        t0 = time.time()
+        raw, rewards = self._score(ro)
+        t["reward_s"] = time.time() - t0
+        t0 = time.time()
+        old, ent = self._logps(c.sampler, ro, entropy=True)
+        ref = self._logps(c.reference, ro)
+        t["logprob_s"] = time.time() - t0
+        self.rollout = ro
+        self._record(ro, raw, rewards, old, ref, ent, t)
+        kept = rewards.view(-1, self.n).argmax(-1) + torch.arange(0, rewards.shape[0], self.n, device=rewards.device)
+        self.stats["kept_reward"] = float(self.world.gather_rows(raw[kept]).mean())
+        G = kept.shape[0]
+        w = torch.full((G,), 1.0 / G, dtype=torch.float32, device=old.device)
+        mask = ro.response_mask[kept]
+        norm = Normalisers.of(mask, w, max_len=c.sampling.max_new_tokens)
+        return SampleBatch(logps=old[kept], old_logps=old[kept], ref_logps=ref[kept], rewards=rewards[kept],
+                           group=torch.arange(G, device=old.device), weights=w, response_mask=mask, norm=norm,
+                           index=kept).validate()
+
+    def attach(self, batch: SampleBatch) -> SampleBatch:
+        if self.rollout is None or batch.index is None:
+            raise InputError("BestOfN.attach takes a batch (or a micro-batch) of its last collect()")
+        return batch.with_logps(self._logps(self.ctx.policy, self.rollout, batch.index))
+
+
 class OnPolicyPairs(_Online):
     """``[source] kind = "on_policy_pairs"``: two samples per prompt from the current policy, labelled by the
     run's reward (online DPO, Guo et al. 2402.04792 Alg. 1; iterated DPO with ``reset_every``).
