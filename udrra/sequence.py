@@ -103,7 +103,7 @@ from torch import Tensor
 from .bandit import Bandit, draw_rows
 from .batch import PairBatch, SampleBatch
 from .components import source as source_mod
-from .components.reward import LINK_TABLE, PAIR_KINDS
+from .components.reward import PAIR_KINDS
 from .components.target import DerivedTarget, _derive_ema, derive, derive_iterated
 from .errors import InputError, TargetError
 
@@ -707,7 +707,7 @@ def derive_sequence(components) -> DerivedTarget:
 
 def _derive_length_normalised(t, s, rw, ref, beta: float) -> DerivedTarget:
     """Pair / regression losses on u(y) = (log π(y) [− log π_ref(y)])/|y| (SimPO)."""
-    from .components.target import _pair_weights, pairwise_fit
+    from .components.target import _pair_data, pairwise_fit
     if rw.kind == "preference" and rw["link"] == "hinge":
         raise TargetError("hinge link with length-normalised log-ratios: udrra checks hinge margins of the summed "
                           "log-ratio only, no target on sequences")
@@ -728,14 +728,9 @@ def _derive_length_normalised(t, s, rw, ref, beta: float) -> DerivedTarget:
         b = sb.to_bandit()
         if rw.kind == "reward_difference":
             return b.reward_matrix() / beta
-        link = LINK_TABLE[link_name]
         loss = "squared" if link_name == "squared" else "logistic"
-        M = _pair_weights(s, b)
-        P, K = b.pi_ref.shape
-        i, j = torch.meshgrid(torch.arange(K), torch.arange(K), indexing="ij")
-        Q = torch.stack([source_mod.pair_labels(s, b, torch.full((K * K,), p), i.flatten(), j.flatten())
-                         .reshape(K, K) for p in range(P)])
-        Q = link.label_map(Q, rw.get("epsilon"))
+        M, Q = _pair_data(s, rw, b)
+        K = b.pi_ref.shape[1]
         v = pairwise_fit(M, Q, beta=beta, gamma=gamma, loss=loss)
         if s.kind == "on_policy_pairs":
             skew = 1.0 + (torch.arange(K)[:, None] + 2 * torch.arange(K)[None, :]).remainder(3).double()

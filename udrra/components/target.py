@@ -654,13 +654,36 @@ def _derive_frozen(t, s, rw, ref, beta: float) -> DerivedTarget:
 
 
 def _pair_data(s, rw, b):
-    """Pair weights M ``(P, K, K)`` and effective labels Q = P(i ≻ j) ``(P, K, K)`` of the source on bandit b."""
+    """Pair weights M ``(P, K, K)`` and labels Q = P(i ≻ j) ``(P, K, K)`` of the source on bandit b, through the
+    preference link's label map when ``rw`` has a link (smoothing, de-noising)."""
     M = _pair_weights(s, b)
     P, K = b.pi_ref.shape
     i, j = torch.meshgrid(torch.arange(K), torch.arange(K), indexing="ij")
     Q = torch.stack([pair_labels(s, b, torch.full((K * K,), p), i.flatten(), j.flatten()).reshape(K, K)
                      for p in range(P)])
-    return M, LINK_TABLE[rw["link"]].label_map(Q, rw.get("epsilon"))
+    link = rw.get("link")
+    return M, (Q if link is None else LINK_TABLE[link].label_map(Q, rw.get("epsilon")))
+
+
+def _minimise_on_simplex(parts: Callable, x0, p: int, what: str) -> Tensor:
+    """Minimise a per-prompt objective over the simplex, parametrised by logits θ with θ_0 = 0.
+
+    ``parts(x) -> (f, ∇_x f)`` with x = θ_1..θ_{K−1} (numpy). scipy BFGS, then Powell's hybrid root finder on the
+    gradient (kept when it lowers the gradient). Returns softmax(θ) ``(K,)`` float64.
+    Raises:
+        TargetError: the gradient stays above 1e-9 (no stationary point of ``what`` found on prompt ``p``).
+    """
+    import numpy as np
+    from scipy.optimize import minimize, root
+    res = minimize(parts, x0, jac=True, method="BFGS", options={"gtol": 1e-10, "maxiter": 10000})
+    sol = root(lambda x: parts(x)[1], res.x, method="hybr", options={"xtol": 1e-15})
+    x = sol.x if np.all(np.isfinite(sol.x)) and np.abs(parts(sol.x)[1]).max() <= np.abs(parts(res.x)[1]).max() \
+        else res.x
+    if np.abs(parts(x)[1]).max() > 1e-9:
+        raise TargetError(f"prompt {p}: no stationary point of {what} found (gradient "
+                          f"{np.abs(parts(x)[1]).max():.2e})")
+    theta = np.concatenate([[0.0], x])
+    return torch.as_tensor(np.exp(theta - np.logaddexp.reduce(theta)))
 
 
 def nll_regularised_fit(M: Tensor, Q: Tensor, *, beta: float, lam: float, link: str) -> Tensor:
@@ -679,7 +702,6 @@ def nll_regularised_fit(M: Tensor, Q: Tensor, *, beta: float, lam: float, link: 
             drives its probability toward 0 without reaching it; or no stationary point found.
     """
     import numpy as np
-    from scipy.optimize import minimize, root
     P, K, _ = M.shape
     out = torch.empty(P, K, dtype=torch.float64)
     for p in range(P):
@@ -708,16 +730,7 @@ def nll_regularised_fit(M: Tensor, Q: Tensor, *, beta: float, lam: float, link: 
             grad = dF_du - pi * dF_du.sum()
             return f, grad[1:]
 
-        x0 = np.zeros(K - 1)
-        res = minimize(parts, x0, jac=True, method="BFGS", options={"gtol": 1e-10, "maxiter": 10000})
-        sol = root(lambda x: parts(x)[1], res.x, method="hybr", options={"xtol": 1e-15})
-        x = sol.x if np.all(np.isfinite(sol.x)) and np.abs(parts(sol.x)[1]).max() <= np.abs(parts(res.x)[1]).max() \
-            else res.x
-        if np.abs(parts(x)[1]).max() > 1e-9:
-            raise TargetError(f"prompt {p}: no stationary point of the NLL-regularised objective found (gradient "
-                              f"{np.abs(parts(x)[1]).max():.2e})")
-        theta = np.concatenate([[0.0], x])
-        out[p] = torch.as_tensor(np.exp(theta - np.logaddexp.reduce(theta)))
+        out[p] = _minimise_on_simplex(parts, np.zeros(K - 1), p, "the NLL-regularised objective")
     return out
 
 
@@ -736,7 +749,6 @@ def nca_fit(M: Tensor, Q: Tensor, ref: Tensor, *, beta: float) -> Tensor:
             stationary point found.
     """
     import numpy as np
-    from scipy.optimize import minimize, root
     P, K, _ = M.shape
     out = torch.empty(P, K, dtype=torch.float64)
     for p in range(P):
@@ -759,15 +771,7 @@ def nca_fit(M: Tensor, Q: Tensor, ref: Tensor, *, beta: float) -> Tensor:
             G = beta * (-c / (1 + np.exp(beta * u)) + 0.5 * m / (1 + np.exp(-beta * u)))
             return f, (G - np.exp(lp) * G.sum())[1:]
 
-        x0 = (lref - lref[0])[1:]
-        res = minimize(parts, x0, jac=True, method="BFGS", options={"gtol": 1e-10, "maxiter": 10000})
-        sol = root(lambda x: parts(x)[1], res.x, method="hybr", options={"xtol": 1e-15})
-        x = sol.x if np.all(np.isfinite(sol.x)) and np.abs(parts(sol.x)[1]).max() <= np.abs(parts(res.x)[1]).max() \
-            else res.x
-        if np.abs(parts(x)[1]).max() > 1e-9:
-            raise TargetError(f"prompt {p}: no stationary point of the NCA objective found")
-        theta = np.concatenate([[0.0], x])
-        out[p] = torch.as_tensor(np.exp(theta - np.logaddexp.reduce(theta)))
+        out[p] = _minimise_on_simplex(parts, (lref - lref[0])[1:], p, "the NCA objective")
     return out
 
 
@@ -798,11 +802,7 @@ def _derive_best_of_n(s) -> DerivedTarget:
 
 def _derive_nca(s, rw, beta: float) -> DerivedTarget:
     def solve(b):
-        M = _pair_weights(s, b)
-        P, K = b.pi_ref.shape
-        i, j = torch.meshgrid(torch.arange(K), torch.arange(K), indexing="ij")
-        Q = torch.stack([pair_labels(s, b, torch.full((K * K,), p), i.flatten(), j.flatten()).reshape(K, K)
-                         for p in range(P)])
+        M, Q = _pair_data(s, rw, b)
         return nca_fit(M, Q, b.pi_ref, beta=beta)
     formula = ("argmin_π Σ_y [c(y)·softplus(−β·u(y)) + ½·m(y)·softplus(β·u(y))], u = log π/π_ref, c = chosen "
                "marginal, m = appearance marginal of the pairs: the stationarity condition solved numerically")
@@ -831,7 +831,6 @@ def _derive_chosen_nll(s, rw, ref, beta: float) -> DerivedTarget:
 def _derive_preference(t, s, rw, ref, beta: float) -> DerivedTarget:
     link_name = rw["link"]
     link = LINK_TABLE[link_name]
-    eps = rw.get("epsilon")
     gamma = float(ref.get("gamma") or 0.0)
     if link_name == "hinge":
         return _derive_hinge(s, ref, gamma)
@@ -841,12 +840,7 @@ def _derive_preference(t, s, rw, ref, beta: float) -> DerivedTarget:
     no_ref = ref.kind == "none"
 
     def solve(b):
-        M = _pair_weights(s, b)
-        P, K = b.pi_ref.shape
-        i, j = torch.meshgrid(torch.arange(K), torch.arange(K), indexing="ij")
-        Q = torch.stack([pair_labels(s, b, torch.full((K * K,), p), i.flatten(), j.flatten()).reshape(K, K)
-                         for p in range(P)])
-        Q = link.label_map(Q, eps)
+        M, Q = _pair_data(s, rw, b)
 
         def policy_of(v: Tensor) -> Tensor:
             if link_name == "forward_kl":
