@@ -231,8 +231,8 @@ def test_cli_sequence_json(capsys):
 # ----------------------------------------------------------------------------------------- property
 #: sequence-level pair losses added with issue 11 whose sequence target is the bandit target over whole responses
 #: (udrra.sequence._via_view), already drawn by tests/test_catalog_properties.py: each runs on one fixed testbed in
-#: its own test file instead of drawn ones, to keep CI under 20 minutes. fdpo_alpha at its catalog β = 0.1 also
-#: converges slowly there (its link saturates at 1/α: 6,412 exact steps on P=2, V=2, L=3, seed 1, measured).
+#: its own test file instead of drawn ones, to keep CI under 20 minutes. fdpo_alpha at β = 0.1 also converges
+#: slowly there (its link saturates at 1/α: 6,412 exact steps on P=2, V=2, L=3, seed 1, measured).
 #: orpo has no sequence target (length-normalised NLL and odds; tests/test_orpo.py checks that it says so), nor has
 #: raft's reset sampler (one round is checked in tests/test_raft.py).
 FIXED_SEQUENCE_ONLY = ("fdpo_js", "fdpo_alpha", "nca", "orpo", "raft")
